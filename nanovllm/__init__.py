@@ -1,0 +1,6 @@
+"""nano-vllm: a compact offline LLM inference engine with vLLM's API."""
+from nanovllm.llm import LLM
+from nanovllm.outputs import CompletionOutput, RequestOutput
+from nanovllm.sampling_params import SamplingParams
+
+__all__ = ["LLM", "SamplingParams", "RequestOutput", "CompletionOutput"]

@@ -1,0 +1,90 @@
+"""Weight loading from safetensors, through each parameter's `weight_loader`.
+
+Checkpoint names are mapped through the model's `packed_modules_mapping` (q/k/v -> qkv_proj,
+gate/up -> gate_up_proj). A checkpoint tensor with no matching parameter, or a parameter that no
+tensor filled, raises ValueError naming them. `load_dummy_weights` fills parameters with small
+random values instead (for benchmarks without a checkpoint); both paths touch every parameter.
+"""
+import os
+from glob import glob
+
+import torch
+from safetensors import safe_open
+from torch import nn
+
+# Checkpoint entries that hold no parameter (precomputed RoPE tables of older exports).
+IGNORED_SUFFIXES = ("rotary_emb.inv_freq", "rotary_emb.cos_cached", "rotary_emb.sin_cached")
+
+
+def default_weight_loader(param: nn.Parameter, loaded: torch.Tensor):
+    if param.shape != loaded.shape:
+        raise ValueError(f"checkpoint tensor of shape {tuple(loaded.shape)} does not fit parameter "
+                         f"of shape {tuple(param.shape)}")
+    param.data.copy_(loaded)
+
+
+def _resolve(name: str, packed: dict) -> tuple[str, object]:
+    for ckpt_name, (param_name, shard_id) in packed.items():
+        if f".{ckpt_name}." in name:
+            return name.replace(f".{ckpt_name}.", f".{param_name}."), shard_id
+    return name, None
+
+
+def load_model(model: nn.Module, path: str):
+    files = sorted(glob(os.path.join(path, "*.safetensors")))
+    if not files:
+        raise ValueError(f"no *.safetensors files in model folder {path!r}.")
+    params = dict(model.named_parameters())  # tied weights appear once, under their first name
+    packed = getattr(model, "packed_modules_mapping", {})
+    tied = getattr(model, "tie_word_embeddings", False)
+    filled: dict[str, set] = {}
+    unexpected = []
+    for file in files:
+        with safe_open(file, "pt", "cpu") as f:
+            for name in f.keys():
+                if name.endswith(IGNORED_SUFFIXES) or (tied and name == "lm_head.weight"):
+                    continue
+                param_name, shard_id = _resolve(name, packed)
+                param = params.get(param_name)
+                if param is None:
+                    unexpected.append(name)
+                    continue
+                loader = getattr(param, "weight_loader", default_weight_loader)
+                try:
+                    if shard_id is None:
+                        loader(param, f.get_tensor(name))
+                    else:
+                        loader(param, f.get_tensor(name), shard_id)
+                except ValueError as e:
+                    raise ValueError(f"cannot load checkpoint tensor {name!r}: {e}") from None
+                filled.setdefault(param_name, set()).add(shard_id)
+    if unexpected:
+        raise ValueError(f"checkpoint {path!r} has weights the model does not expect: {unexpected[:10]}"
+                         + (f" and {len(unexpected) - 10} more" if len(unexpected) > 10 else ""))
+    shards = {}
+    for param_name, shard_id in packed.values():
+        shards.setdefault(param_name, set()).add(shard_id)
+    missing = [n for n in params if not _fully_filled(n, filled.get(n), shards)]
+    if missing:
+        raise ValueError(f"checkpoint {path!r} lacks weights for: {missing[:10]}"
+                         + (f" and {len(missing) - 10} more" if len(missing) > 10 else ""))
+
+
+def _fully_filled(name: str, got: set | None, shards: dict) -> bool:
+    if not got:
+        return False
+    expected = shards.get(name.split(".")[-2])
+    return expected is None or expected <= got
+
+
+@torch.no_grad()
+def load_dummy_weights(model: nn.Module, seed: int):
+    """Random weights, uniform in [-1e-3, 1e-3] (as vLLM's dummy format); norms stay at one."""
+    generators = {}
+    for name, param in model.named_parameters():
+        if name.endswith("norm.weight"):
+            param.fill_(1.0)
+            continue
+        if param.device not in generators:
+            generators[param.device] = torch.Generator(device=param.device).manual_seed(seed)
+        param.uniform_(-1e-3, 1e-3, generator=generators[param.device])
