@@ -20,6 +20,7 @@ class RequestOutput:
     prompt_token_ids: list[int]
     outputs: list[CompletionOutput] = field(default_factory=list)
     finished: bool = False
+    num_cached_tokens: int | None = None  # prompt tokens served from the prefix cache
 
     def __getitem__(self, key: str):
         """Scripts written for nano-vllm's dict results read `out["text"]` / `out["token_ids"]`:

@@ -180,7 +180,7 @@ class LLMEngine:
         text = self.tokenizer.decode(token_ids, skip_special_tokens=True) if self.tokenizer else ""
         completion = CompletionOutput(index=0, text=text, token_ids=token_ids, finish_reason=seq.finish_reason)
         return RequestOutput(request.request_id, request.prompt, seq.token_ids[:seq.num_prompt_tokens],
-                             [completion], finished=True)
+                             [completion], finished=True, num_cached_tokens=seq.num_prefix_cached_tokens)
 
     def generate(self, prompts: PromptType | SequenceT[PromptType],
                  sampling_params: SamplingParams | list[SamplingParams] | None = None,

@@ -61,6 +61,8 @@ class Scheduler:
                 if not self.block_manager.can_allocate(seq):
                     break
                 self.block_manager.allocate(seq)
+                if seq.num_prefix_cached_tokens is None:
+                    seq.num_prefix_cached_tokens = seq.num_cached_tokens
             remaining = seq.num_tokens - seq.num_cached_tokens
             seq.num_scheduled_tokens = min(remaining, budget)
             budget -= seq.num_scheduled_tokens

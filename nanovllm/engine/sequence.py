@@ -26,6 +26,7 @@ class Sequence:
         self.block_table: list[int] = []
         self.num_cached_tokens = 0      # tokens whose K/V are in the cache
         self.num_scheduled_tokens = 0   # tokens the current step computes
+        self.num_prefix_cached_tokens: int | None = None  # prompt tokens found in the prefix cache on admission
         self.finish_reason: str | None = None
 
     def __len__(self) -> int:

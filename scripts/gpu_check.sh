@@ -1,0 +1,24 @@
+#!/usr/bin/env bash
+# Everything the GPU machine checks, in one go: GPU tests, then benchmarks; a summary last.
+# Usage (repo root, on the GPU machine): bash scripts/gpu_check.sh [tests|bench|latency|bench8b|all]...
+# Expects flash-attn's wheel in .gpu/ (see README), installs it into /tmp/site.
+set -uo pipefail
+python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .gpu/*.whl >/dev/null 2>&1
+export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1
+OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
+nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
+summary=()
+for what in "${@:-all}"; do
+  case $what in
+    tests|all) python3 -m pytest -q tests/test_gpu.py tests/test_kernels.py 2>&1 | tee "$OUT/gpu_tests.log"
+               summary+=("tests: $(tail -n 1 "$OUT/gpu_tests.log")") ;;&
+    bench|all) for i in 1 2; do python3 bench.py 2>&1 | tee -a "$OUT/bench.log"; done
+               summary+=("bench 0.6B: $(grep Throughput "$OUT/bench.log" | tr '\n' ' ')") ;;&
+    latency|all) python3 bench.py --latency 2>&1 | tee -a "$OUT/latency.log"
+               summary+=("latency: $(grep Decode "$OUT/latency.log" | tr '\n' ' ')") ;;&
+    bench8b) for i in 1 2; do python3 bench.py --dummy-config Qwen3-8B 2>&1 | tee -a "$OUT/bench8b.log"; done
+               summary+=("bench 8B: $(grep Throughput "$OUT/bench8b.log" | tr '\n' ' ')") ;;
+  esac
+done
+echo "==== summary"
+printf '%s\n' "${summary[@]}"

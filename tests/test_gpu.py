@@ -1,0 +1,103 @@
+"""GPU checks (skipped without CUDA): bf16 prefill logits against transformers on the GPU, greedy
+tokens identical with and without CUDA graphs, flash-attn's prefix-cache path equal to the
+uncached path, and tensor parallelism when two GPUs are visible."""
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from nanovllm import LLM, SamplingParams
+
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
+
+GREEDY = SamplingParams(temperature=0, max_tokens=32, ignore_eos=True)
+
+
+@pytest.fixture(scope="module")
+def qwen3_gpu(tmp_path_factory):
+    """A Qwen3 small enough to build quickly, with flash-attn's head dim 128, in bfloat16."""
+    from checkpoints import write_tiny_qwen3
+    return write_tiny_qwen3(tmp_path_factory.mktemp("qwen3_gpu"), num_hidden_layers=4, hidden_size=512,
+                            num_attention_heads=8, num_key_value_heads=4, head_dim=128, intermediate_size=1024,
+                            dtype=torch.bfloat16, seed=3)
+
+
+def prompts() -> list[list[int]]:
+    g = torch.Generator().manual_seed(0)
+    return [torch.randint(0, 150000, (n,), generator=g).tolist() for n in (5, 37, 300, 700)]
+
+
+def test_prefill_logits_match_transformers_bf16(qwen3_gpu):
+    hf = AutoModelForCausalLM.from_pretrained(qwen3_gpu, dtype=torch.bfloat16).cuda().eval()
+    llm = LLM(qwen3_gpu, enforce_eager=True, max_model_len=1024)
+    runner = llm.llm_engine.model_runner
+    try:
+        for p in prompts():
+            from nanovllm.engine.sequence import Sequence
+            seq = Sequence(0, p, GREEDY)
+            llm.llm_engine.scheduler.block_manager.allocate(seq)
+            seq.num_scheduled_tokens = len(p)
+            step = runner.prepare([seq], is_prefill=True)
+            step.logits_indices = list(range(len(p)))  # logits of every position
+            logits = _logits(runner, step)
+            llm.llm_engine.scheduler.block_manager.deallocate(seq)
+            with torch.no_grad():
+                ref = hf(torch.tensor([p], device="cuda")).logits[0].float()
+            rel = (logits - ref).norm() / ref.norm()
+            assert rel < 2e-2, f"prompt of {len(p)} tokens: relative error {rel:.2e}"
+    finally:
+        llm.shutdown()
+
+
+def _logits(runner, step):
+    """Run the model on `step` and return the logits of `step.logits_indices` (float32)."""
+    from nanovllm.utils.context import AttentionMetadata, forward_context
+    t = lambda x, dt: torch.tensor(x, dtype=dt, device="cuda")
+    meta = AttentionMetadata(is_prefill=True, slot_mapping=t(step.slot_mapping, torch.int32),
+                             cu_seqlens_q=t(step.cu_seqlens_q, torch.int32), cu_seqlens_k=t(step.cu_seqlens_k, torch.int32),
+                             max_seqlen_q=step.cu_seqlens_q[-1], max_seqlen_k=step.cu_seqlens_k[-1])
+    with torch.inference_mode(), forward_context(meta):
+        hidden = runner.model(t(step.input_ids, torch.int64), t(step.positions, torch.int64))
+        return runner.model.compute_logits(hidden[step.logits_indices]).float()
+
+
+def test_cuda_graphs_same_tokens_as_eager(qwen3_gpu):
+    results = []
+    for eager in (True, False):
+        llm = LLM(qwen3_gpu, enforce_eager=eager, max_model_len=2048, max_num_seqs=64)
+        results.append([o.outputs[0].token_ids for o in llm.generate(prompts() * 5, GREEDY, use_tqdm=False)])
+        llm.shutdown()
+    assert results[0] == results[1]
+
+
+def test_prefix_cache_path_equals_uncached(qwen3_gpu):
+    shared = prompts()[3][:600]
+    batch = [shared + p[:20] for p in prompts()] + [shared]
+    results = []
+    for caching in (False, True):
+        llm = LLM(qwen3_gpu, enable_prefix_caching=caching, max_model_len=2048)
+        llm.generate(batch[:1], GREEDY, use_tqdm=False)  # fills the cache (when enabled)
+        outputs = llm.generate(batch, GREEDY, use_tqdm=False)
+        llm.shutdown()
+        results.append(outputs)
+    assert all(o.num_cached_tokens == 0 for o in results[0])
+    assert all(o.num_cached_tokens >= 512 for o in results[1][:4])
+    assert [o.outputs[0].token_ids for o in results[0]] == [o.outputs[0].token_ids for o in results[1]]
+
+
+def test_chunked_prefill_same_tokens_on_gpu(qwen3_gpu):
+    results = []
+    for budget in (16384, 256):
+        llm = LLM(qwen3_gpu, max_num_batched_tokens=budget, max_model_len=1024)
+        results.append([o.outputs[0].token_ids for o in llm.generate(prompts(), GREEDY, use_tqdm=False)])
+        llm.shutdown()
+    assert results[0] == results[1]
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
+def test_tensor_parallel_2_same_tokens(qwen3_gpu):
+    results = []
+    for tp in (1, 2):
+        llm = LLM(qwen3_gpu, tensor_parallel_size=tp, max_model_len=1024)
+        results.append([o.outputs[0].token_ids for o in llm.generate(prompts(), GREEDY, use_tqdm=False)])
+        llm.shutdown()
+    assert results[0] == results[1]
