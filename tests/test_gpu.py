@@ -21,6 +21,32 @@ def qwen3_gpu(tmp_path_factory):
                             dtype=torch.bfloat16, seed=3)
 
 
+@pytest.fixture(scope="module")
+def hf_fp32(qwen3_gpu):
+    return AutoModelForCausalLM.from_pretrained(qwen3_gpu, dtype=torch.float32).cuda().eval()
+
+
+def assert_greedy_close(hf_fp32, prompts: list[list[int]], a: list[list[int]], b: list[list[int]],
+                        rel_tol: float = 0.02):
+    """Greedy outputs of two bf16 paths agree token for token, except that after a point where
+    the float32 reference scores both paths' tokens within `rel_tol * |top logit|` of the top (a
+    near-tie: bf16 resolves a logit near 19 only to 0.125, so rounding may break it either way)
+    the rest may differ. A real bug diverges with gaps of the order of the logits' spread."""
+    for prompt, x, y in zip(prompts, a, b, strict=True):
+        assert len(x) == len(y)
+        i = next((i for i, (s, t) in enumerate(zip(x, y)) if s != t), None)
+        if i is None:
+            continue
+        with torch.no_grad():
+            logits = hf_fp32(torch.tensor([prompt + x[:i]], device="cuda")).logits[0, -1]
+        gap = (logits[x[i]] - logits[y[i]]).abs().item()
+        top = logits.max().item()
+        tol = rel_tol * abs(top)
+        print(f"diverged at token {i}/{len(x)}: gap {gap:.4f}, top logit {top:.2f}, std {logits.std():.2f}")
+        assert gap <= tol and top - max(logits[x[i]], logits[y[i]]).item() <= tol, \
+            f"prompt of {len(prompt)} tokens: token {i} differs ({x[i]} vs {y[i]}) beyond a near-tie (gap {gap:.3f})"
+
+
 def prompts() -> list[list[int]]:
     g = torch.Generator().manual_seed(0)
     return [torch.randint(0, 150000, (n,), generator=g).tolist() for n in (5, 37, 300, 700)]
@@ -60,16 +86,17 @@ def _logits(runner, step):
         return runner.model.compute_logits(hidden[step.logits_indices]).float()
 
 
-def test_cuda_graphs_same_tokens_as_eager(qwen3_gpu):
+def test_cuda_graphs_same_tokens_as_eager(qwen3_gpu, hf_fp32):
     results = []
+    batch = prompts() * 5
     for eager in (True, False):
         llm = LLM(qwen3_gpu, enforce_eager=eager, max_model_len=2048, max_num_seqs=64)
-        results.append([o.outputs[0].token_ids for o in llm.generate(prompts() * 5, GREEDY, use_tqdm=False)])
+        results.append([o.outputs[0].token_ids for o in llm.generate(batch, GREEDY, use_tqdm=False)])
         llm.shutdown()
-    assert results[0] == results[1]
+    assert_greedy_close(hf_fp32, batch, results[0], results[1])
 
 
-def test_prefix_cache_path_equals_uncached(qwen3_gpu):
+def test_prefix_cache_path_equals_uncached(qwen3_gpu, hf_fp32):
     shared = prompts()[3][:600]
     batch = [shared + p[:20] for p in prompts()] + [shared]
     results = []
@@ -81,23 +108,23 @@ def test_prefix_cache_path_equals_uncached(qwen3_gpu):
         results.append(outputs)
     assert all(o.num_cached_tokens == 0 for o in results[0])
     assert all(o.num_cached_tokens >= 512 for o in results[1][:4])
-    assert [o.outputs[0].token_ids for o in results[0]] == [o.outputs[0].token_ids for o in results[1]]
+    assert_greedy_close(hf_fp32, batch, *[[o.outputs[0].token_ids for o in r] for r in results])
 
 
-def test_chunked_prefill_same_tokens_on_gpu(qwen3_gpu):
+def test_chunked_prefill_same_tokens_on_gpu(qwen3_gpu, hf_fp32):
     results = []
     for budget in (16384, 256):
         llm = LLM(qwen3_gpu, max_num_batched_tokens=budget, max_model_len=1024)
         results.append([o.outputs[0].token_ids for o in llm.generate(prompts(), GREEDY, use_tqdm=False)])
         llm.shutdown()
-    assert results[0] == results[1]
+    assert_greedy_close(hf_fp32, prompts(), results[0], results[1])
 
 
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
-def test_tensor_parallel_2_same_tokens(qwen3_gpu):
+def test_tensor_parallel_2_same_tokens(qwen3_gpu, hf_fp32):
     results = []
     for tp in (1, 2):
         llm = LLM(qwen3_gpu, tensor_parallel_size=tp, max_model_len=1024)
         results.append([o.outputs[0].token_ids for o in llm.generate(prompts(), GREEDY, use_tqdm=False)])
         llm.shutdown()
-    assert results[0] == results[1]
+    assert_greedy_close(hf_fp32, prompts(), results[0], results[1])
