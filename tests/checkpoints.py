@@ -426,3 +426,55 @@ def write_tiny_qwen3(
     with open(os.path.join(path, "generation_config.json"), "w", encoding="utf-8") as f:
         json.dump(gen, f, indent=2)
     return path
+
+
+# Shape of the tiny decoders written by ``write_tiny_decoder`` (overridable per call).
+TINY_DECODER_SHAPE = dict(
+    vocab_size=512,
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    hidden_act="silu",
+    max_position_embeddings=512,
+    rms_norm_eps=1e-6,
+)
+
+
+def _rope_kwargs_with_scaling(config_cls, rope_theta: float, rope_scaling: dict | None) -> dict:
+    """Like ``_rope_kwargs``, with an optional scaling dict (e.g. ``{"rope_type": "llama3", ...}``)."""
+    kwargs = _rope_kwargs(config_cls, rope_theta)
+    if rope_scaling is None:
+        return kwargs
+    if "rope_parameters" in kwargs:
+        return {"rope_parameters": {**rope_scaling, "rope_theta": float(rope_theta)}}
+    return {**kwargs, "rope_scaling": dict(rope_scaling)}
+
+
+def write_tiny_decoder(
+    path,
+    architecture: str,
+    *,
+    seed: int = 0,
+    rope_theta: float = 10000.0,
+    rope_scaling: dict | None = None,
+    **config_overrides,
+) -> str:
+    """A tiny random checkpoint of transformers' class ``architecture`` (e.g. "LlamaForCausalLM").
+
+    Model only (config.json, model.safetensors): no tokenizer, so load it with
+    ``skip_tokenizer_init=True``.  The config is ``TINY_DECODER_SHAPE`` updated with
+    ``config_overrides``; fields named in neither keep the config class's defaults (so head_dim
+    is absent from a Qwen2 config unless given).  Returns ``str(path)``.
+    """
+    import transformers
+
+    model_cls = getattr(transformers, architecture)
+    config_cls = model_cls.config_class
+    config = config_cls(
+        architectures=[architecture],
+        **_rope_kwargs_with_scaling(config_cls, rope_theta, rope_scaling),
+        **{**TINY_DECODER_SHAPE, **config_overrides},
+    )
+    return write_tiny_checkpoint(path, model_cls, config, seed=seed)

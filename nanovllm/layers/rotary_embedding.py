@@ -1,8 +1,11 @@
 """Rotary position embedding (NeoX style: the two halves of each head rotate together).
 
 cos/sin are precomputed in float32 for every position up to `max_position`; rotation runs in
-float32 and is cast back.
+float32 and is cast back. The inverse frequencies are rescaled as the config's rope scaling says
+(type "llama3"); other scaling types are refused.
 """
+import math
+
 import torch
 from torch import nn
 
@@ -20,12 +23,37 @@ def rotate_qk(positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, cos_sin
     return apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
 
 
+LLAMA3_SCALING_KEYS = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
+
+
+def llama3_scaled_inv_freq(inv_freq: torch.Tensor, rope_scaling: dict) -> torch.Tensor:
+    """Llama 3.1's frequency-dependent scaling: wavelengths shorter than
+    original_max_position_embeddings / high_freq_factor are kept, those longer than
+    original_max_position_embeddings / low_freq_factor are stretched by `factor`, and the band
+    between is interpolated linearly in 1 / wavelength (as transformers' `_compute_llama3_parameters`)."""
+    missing = [key for key in LLAMA3_SCALING_KEYS if key not in rope_scaling]
+    if missing:
+        raise ValueError(f"rope_scaling of type 'llama3' lacks {missing} (config rope_scaling={rope_scaling}).")
+    factor, low_freq_factor, high_freq_factor, old_context_len = (rope_scaling[k] for k in LLAMA3_SCALING_KEYS)
+    low_freq_wavelen = old_context_len / low_freq_factor
+    high_freq_wavelen = old_context_len / high_freq_factor
+    wavelen = 2 * math.pi / inv_freq
+    scaled = torch.where(wavelen > low_freq_wavelen, inv_freq / factor, inv_freq)
+    smooth = (old_context_len / wavelen - low_freq_factor) / (high_freq_factor - low_freq_factor)
+    smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+    is_medium = (wavelen >= high_freq_wavelen) & (wavelen <= low_freq_wavelen)
+    return torch.where(is_medium, smoothed, scaled)
+
+
 def rope_inv_freq(head_dim: int, base: float, rope_scaling: dict | None) -> torch.Tensor:
-    """Inverse frequencies of each rotated pair; `rope_scaling` as a transformers config gives it."""
+    """Inverse frequencies of each rotated pair; `rope_scaling` as a transformers config gives it
+    (None or type "default": unscaled). Other types than "default" and "llama3" raise ValueError."""
     inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.float) / head_dim))
     rope_type = (rope_scaling or {}).get("rope_type", (rope_scaling or {}).get("type", "default"))
     if rope_type == "default":
         return inv_freq
+    if rope_type == "llama3":
+        return llama3_scaled_inv_freq(inv_freq, rope_scaling)
     raise ValueError(f"rope_scaling of type {rope_type!r} is not supported (config rope_scaling={rope_scaling}).")
 
 

@@ -1,15 +1,26 @@
-"""Model registry: config.json's `architectures` name -> model class."""
+"""Model registry: config.json's `architectures` name -> model class.
+
+Every class here is the shared decoder (`nanovllm.models.decoder`) with its architecture's
+`DecoderSpec`; adding an architecture of the same shape is one small class and one entry.
+"""
 from torch import nn
 from transformers import PretrainedConfig
 
+from nanovllm.models.llama import LlamaForCausalLM, MistralForCausalLM
+from nanovllm.models.qwen2 import Qwen2ForCausalLM
 from nanovllm.models.qwen3 import Qwen3ForCausalLM
 
 MODEL_REGISTRY: dict[str, type[nn.Module]] = {
+    "LlamaForCausalLM": LlamaForCausalLM,
+    "MistralForCausalLM": MistralForCausalLM,
+    "Qwen2ForCausalLM": Qwen2ForCausalLM,
     "Qwen3ForCausalLM": Qwen3ForCausalLM,
 }
 
 
 def get_model_class(hf_config: PretrainedConfig) -> type[nn.Module]:
+    """The class of the first of `hf_config.architectures` that is registered; ValueError listing
+    the supported names when none is."""
     architectures = getattr(hf_config, "architectures", None) or []
     for arch in architectures:
         if arch in MODEL_REGISTRY:

@@ -18,3 +18,18 @@ def rope_settings(config: PretrainedConfig) -> tuple[float, dict | None]:
     if scaling and scaling.get("rope_type", scaling.get("type")) == "default":
         scaling = None
     return float(theta), scaling
+
+
+def sliding_window_of(config: PretrainedConfig) -> int | None:
+    """The attention window the config asks for, or None for full causal attention.
+
+    Qwen2/Qwen3 configs carry a `sliding_window` that applies only with `use_sliding_window`, and
+    only to the layers that `layer_types` marks "sliding_attention"; Mistral's applies whenever set.
+    """
+    window = getattr(config, "sliding_window", None)
+    if window is None or getattr(config, "use_sliding_window", True) is False:
+        return None
+    layer_types = getattr(config, "layer_types", None)
+    if layer_types is not None and "sliding_attention" not in layer_types:
+        return None
+    return int(window)
