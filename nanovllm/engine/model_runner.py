@@ -19,6 +19,7 @@ from multiprocessing.shared_memory import SharedMemory
 from multiprocessing.synchronize import Event
 from typing import Any
 
+import numpy as np
 import torch
 import torch.distributed as dist
 
@@ -60,7 +61,6 @@ class ModelRunner:
         self.rank = rank
         self.world_size = config.tensor_parallel_size
         self.block_size = config.kvcache_block_size
-        hf_config = config.hf_config
         self.device = torch.device("cuda", rank) if config.device_type == "cuda" else torch.device("cpu")
         self.use_cuda_graphs = self.device.type == "cuda" and not config.enforce_eager
         if self.device.type == "cuda":
@@ -70,8 +70,22 @@ class ModelRunner:
             dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}",
                                     world_size=self.world_size, rank=rank, device_id=self.device
                                     if self.device.type == "cuda" else None)
-        torch.manual_seed(config.seed)
+        try:
+            self._build(config)
+        except BaseException:
+            if dist.is_initialized():  # leave no half-made process group in the caller's process
+                dist.destroy_process_group()
+            raise
+        self.shm = None
+        self.events = events
+        if self.world_size > 1:
+            self.shm = SharedMemory(name=shm_name)
+            dist.barrier()
 
+    def _build(self, config: Config):
+        """Model, weights, KV cache and CUDA graphs of this rank."""
+        hf_config = config.hf_config
+        torch.manual_seed(config.seed)
         default_dtype = torch.get_default_dtype()
         torch.set_default_dtype(config.torch_dtype)
         try:
@@ -101,12 +115,6 @@ class ModelRunner:
         if self.use_cuda_graphs:
             self._capture_cudagraphs()
 
-        self.shm = None
-        self.events = events
-        if self.world_size > 1:
-            self.shm = SharedMemory(name=shm_name)
-            dist.barrier()
-
     # ---- lifecycle -------------------------------------------------------------------------
 
     def exit(self):
@@ -118,7 +126,7 @@ class ModelRunner:
             self.shm = None
         self.graphs.clear()
         self.graph_sizes = []
-        self.graph_pool = None
+        self.graph_pool = self.graph_outputs = None
         for layer in self.attention_layers:
             layer.k_cache = layer.v_cache = torch.tensor([])
         self.kv_cache = None
@@ -254,9 +262,18 @@ class ModelRunner:
             return t.pin_memory().to(self.device, non_blocking=True)
         return t
 
-    def _block_table_tensor(self, tables: list[list[int]]) -> torch.Tensor:
+    def _upload_ints(self, *arrays: list[int]) -> list[torch.Tensor]:
+        """Several int lists to the device in one host-to-device copy, as int64 slices."""
+        host = torch.from_numpy(np.concatenate([np.asarray(a, dtype=np.int64) for a in arrays]))
+        if self.device.type == "cuda":
+            host = host.pin_memory().to(self.device, non_blocking=True)
+        return list(host.split([len(a) for a in arrays]))
+
+    @staticmethod
+    def _padded(tables: list[list[int]]) -> list[int]:
+        """Block tables as one flat row-major list, rows padded with block 0 (never read)."""
         width = max(len(t) for t in tables)
-        return self._tensor([t + [0] * (width - len(t)) for t in tables], torch.int32)
+        return [b for t in tables for b in (t + [0] * (width - len(t)))]
 
     # ---- execution -------------------------------------------------------------------------
 
@@ -270,59 +287,68 @@ class ModelRunner:
 
     @torch.inference_mode()
     def execute(self, step: StepInput) -> list[int] | None:
-        input_ids = self._tensor(step.input_ids, torch.int64)
-        positions = self._tensor(step.positions, torch.int64)
         if not step.is_prefill and self.graph_sizes and len(step.input_ids) <= self.graph_sizes[-1]:
-            hidden_states = self._replay_graph(step, input_ids, positions)
+            hidden_states = self._replay_graph(step)
         else:
-            meta = AttentionMetadata(
-                is_prefill=step.is_prefill,
-                slot_mapping=self._tensor(step.slot_mapping, torch.int32),
-                block_tables=self._block_table_tensor(step.block_tables) if step.block_tables else None)
-            if step.is_prefill:
-                meta.cu_seqlens_q = self._tensor(step.cu_seqlens_q, torch.int32)
-                meta.cu_seqlens_k = self._tensor(step.cu_seqlens_k, torch.int32)
-                meta.max_seqlen_q = max(b - a for a, b in zip(step.cu_seqlens_q, step.cu_seqlens_q[1:]))
-                meta.max_seqlen_k = max(b - a for a, b in zip(step.cu_seqlens_k, step.cu_seqlens_k[1:]))
-            else:
-                meta.context_lens = self._tensor(step.context_lens, torch.int32)
-            with forward_context(meta):
-                hidden_states = self.model(input_ids, positions)
+            hidden_states = self._run_eager(step)
         if not step.logits_indices:
             return [] if self.rank == 0 else None
         if step.is_prefill:
-            hidden_states = hidden_states[self._tensor(step.logits_indices, torch.int64)]
+            hidden_states = hidden_states[self._upload_ints(step.logits_indices)[0]]
         logits = self.model.compute_logits(hidden_states)
         if self.rank != 0:
             return None
         temperatures = self._tensor(step.temperatures, torch.float32)
         return self.sampler(logits, temperatures).tolist()
 
+    def _run_eager(self, step: StepInput) -> torch.Tensor:
+        if step.is_prefill:
+            lengths = (step.cu_seqlens_q, step.cu_seqlens_k)
+        else:
+            lengths = (step.context_lens,)
+        tables = self._padded(step.block_tables) if step.block_tables else []
+        input_ids, positions, slot_mapping, flat_tables, *lens = self._upload_ints(
+            step.input_ids, step.positions, step.slot_mapping, tables, *lengths)
+        meta = AttentionMetadata(
+            is_prefill=step.is_prefill, slot_mapping=slot_mapping.int(),
+            block_tables=flat_tables.int().view(len(step.block_tables), -1) if tables else None)
+        if step.is_prefill:
+            meta.cu_seqlens_q, meta.cu_seqlens_k = lens[0].int(), lens[1].int()
+            meta.max_seqlen_q = max(b - a for a, b in zip(step.cu_seqlens_q, step.cu_seqlens_q[1:]))
+            meta.max_seqlen_k = max(b - a for a, b in zip(step.cu_seqlens_k, step.cu_seqlens_k[1:]))
+        else:
+            meta.context_lens = lens[0].int()
+        with forward_context(meta):
+            return self.model(input_ids, positions)
+
     # ---- CUDA graphs -----------------------------------------------------------------------
+    # The graphs read their inputs from views of two device buffers (int64: input ids, positions;
+    # int32: slot mapping, context lengths, block tables), filled each step by one copy apiece
+    # from pinned host buffers of the same layout.
 
     @torch.inference_mode()
     def _capture_cudagraphs(self):
         sizes = self.config.graph_batch_sizes
-        max_bs = max(sizes)
-        hidden_size = self.config.hf_config.hidden_size
-        self.graph_inputs = {
-            "input_ids": torch.zeros(max_bs, dtype=torch.int64, device=self.device),
-            "positions": torch.zeros(max_bs, dtype=torch.int64, device=self.device),
-            "slot_mapping": torch.full((max_bs,), PAD_SLOT_ID, dtype=torch.int32, device=self.device),
-            "context_lens": torch.zeros(max_bs, dtype=torch.int32, device=self.device),
-            "block_tables": torch.zeros(max_bs, self.max_blocks_per_seq, dtype=torch.int32, device=self.device),
-            "outputs": torch.zeros(max_bs, hidden_size, dtype=self.config.torch_dtype, device=self.device),
-        }
-        g = self.graph_inputs
+        max_bs, width = max(sizes), self.max_blocks_per_seq
+        self.graph_max_bs = max_bs
+        self.graph_host64 = torch.zeros(2 * max_bs, dtype=torch.int64).pin_memory()
+        self.graph_host32 = torch.zeros((2 + width) * max_bs, dtype=torch.int32).pin_memory()
+        self.graph_dev64 = self.graph_host64.to(self.device)
+        self.graph_dev32 = self.graph_host32.to(self.device)
+        input_ids, positions = self.graph_dev64.split(max_bs)
+        slot_mapping, context_lens, tables = self.graph_dev32.split([max_bs, max_bs, width * max_bs])
+        block_tables = tables.view(max_bs, width)
+        self.graph_outputs = torch.zeros(max_bs, self.config.hf_config.hidden_size, dtype=self.config.torch_dtype,
+                                         device=self.device)
         self.graph_pool = None
         for bs in reversed(sizes):
             graph = torch.cuda.CUDAGraph()
-            meta = AttentionMetadata(is_prefill=False, slot_mapping=g["slot_mapping"][:bs],
-                                     context_lens=g["context_lens"][:bs], block_tables=g["block_tables"][:bs])
+            meta = AttentionMetadata(is_prefill=False, slot_mapping=slot_mapping[:bs],
+                                     context_lens=context_lens[:bs], block_tables=block_tables[:bs])
             with forward_context(meta):
-                g["outputs"][:bs] = self.model(g["input_ids"][:bs], g["positions"][:bs])  # warm-up
+                self.graph_outputs[:bs] = self.model(input_ids[:bs], positions[:bs])  # warm-up
                 with torch.cuda.graph(graph, self.graph_pool):
-                    g["outputs"][:bs] = self.model(g["input_ids"][:bs], g["positions"][:bs])
+                    self.graph_outputs[:bs] = self.model(input_ids[:bs], positions[:bs])
             if self.graph_pool is None:
                 self.graph_pool = graph.pool()
             self.graphs[bs] = graph
@@ -330,17 +356,23 @@ class ModelRunner:
         self.graph_sizes = sorted(self.graphs)
         logger.info("captured CUDA graphs for decode batch sizes %s", sizes)
 
-    def _replay_graph(self, step: StepInput, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        bs = len(step.input_ids)
+    def _replay_graph(self, step: StepInput) -> torch.Tensor:
+        """Fill the pinned host buffers, copy them over, replay the smallest graph that fits.
+        Reusing the host buffers is safe: the previous step's copy finished before its sampled
+        tokens reached the host (on workers: before the collective rank 0 waited on)."""
+        bs, max_bs, width = len(step.input_ids), self.graph_max_bs, self.max_blocks_per_seq
         graph_bs = next(size for size in self.graph_sizes if size >= bs)
-        g = self.graph_inputs
-        g["input_ids"][:bs] = input_ids
-        g["positions"][:bs] = positions
-        g["slot_mapping"].fill_(PAD_SLOT_ID)
-        g["slot_mapping"][:bs] = self._tensor(step.slot_mapping, torch.int32)
-        g["context_lens"].zero_()
-        g["context_lens"][:bs] = self._tensor(step.context_lens, torch.int32)
-        tables = self._block_table_tensor(step.block_tables)
-        g["block_tables"][:bs, :tables.size(1)] = tables
+        host64, host32 = self.graph_host64.numpy(), self.graph_host32.numpy()
+        host64[:bs] = step.input_ids
+        host64[max_bs:max_bs + bs] = step.positions
+        host32[:graph_bs] = PAD_SLOT_ID  # padded rows store nothing ...
+        host32[:bs] = step.slot_mapping
+        host32[max_bs:max_bs + graph_bs] = 0  # ... and attend over nothing
+        host32[max_bs:max_bs + bs] = step.context_lens
+        tables = host32[2 * max_bs:].reshape(max_bs, width)
+        for row, table in enumerate(step.block_tables):
+            tables[row, :len(table)] = table
+        self.graph_dev64.copy_(self.graph_host64, non_blocking=True)
+        self.graph_dev32.copy_(self.graph_host32, non_blocking=True)
         self.graphs[graph_bs].replay()
-        return g["outputs"][:bs]
+        return self.graph_outputs[:bs]

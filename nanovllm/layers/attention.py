@@ -82,8 +82,9 @@ def _cache_slots(block_table: torch.Tensor, num_positions: int, block_size: int)
 
 def attention_torch(q, k, v, k_cache, v_cache, meta: AttentionMetadata, scale: float) -> torch.Tensor:
     """Reference attention over the paged cache (or over this step's k, v when nothing is cached)."""
-    block_size = k_cache.shape[1]
-    flat_k, flat_v = k_cache.flatten(0, 1), v_cache.flatten(0, 1)
+    if meta.block_tables is not None:
+        block_size = k_cache.shape[1]
+        flat_k, flat_v = k_cache.flatten(0, 1), v_cache.flatten(0, 1)
     if not meta.is_prefill:  # one query per sequence, batched with a length mask
         max_len = int(meta.context_lens.max())
         slots = _cache_slots(meta.block_tables, max_len, block_size)  # [batch, max_len]
