@@ -56,7 +56,9 @@ class Scheduler:
         while self.waiting and budget > 0:
             seq = self.waiting[0]
             if not seq.block_table:  # not admitted yet (new, or preempted)
-                if len(self.running) + len(scheduled) >= self.max_num_seqs:
+                # Sequences admitted earlier in this loop are in `running` already; a chunked one
+                # ends the loop, so `running` counts every admitted sequence exactly once.
+                if len(self.running) >= self.max_num_seqs:
                     break
                 if not self.block_manager.can_allocate(seq):
                     break
