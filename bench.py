@@ -31,6 +31,22 @@ DUMMY_CONFIGS = {
                        num_hidden_layers=28, max_window_layers=28, tie_word_embeddings=True),
     "Qwen3-8B": dict(_QWEN3_COMMON, hidden_size=4096, intermediate_size=12288, num_attention_heads=32,
                      num_hidden_layers=36, max_window_layers=36, tie_word_embeddings=False),
+    "Qwen2.5-0.5B": dict(architectures=["Qwen2ForCausalLM"], model_type="qwen2", attention_dropout=0.0,
+                         bos_token_id=151643, eos_token_id=151643, hidden_act="silu", hidden_size=896,
+                         initializer_range=0.02, intermediate_size=4864, max_position_embeddings=32768,
+                         max_window_layers=24, num_attention_heads=14, num_hidden_layers=24,
+                         num_key_value_heads=2, rms_norm_eps=1e-6, rope_theta=1000000.0, sliding_window=32768,
+                         tie_word_embeddings=True, torch_dtype="bfloat16", use_cache=True,
+                         use_sliding_window=False, vocab_size=151936),
+    "Llama-3.2-1B": dict(architectures=["LlamaForCausalLM"], model_type="llama", attention_bias=False,
+                         attention_dropout=0.0, bos_token_id=128000, eos_token_id=128001, head_dim=64,
+                         hidden_act="silu", hidden_size=2048, initializer_range=0.02, intermediate_size=8192,
+                         max_position_embeddings=131072, mlp_bias=False, num_attention_heads=32,
+                         num_hidden_layers=16, num_key_value_heads=8, rms_norm_eps=1e-5,
+                         rope_scaling={"factor": 32.0, "high_freq_factor": 4.0, "low_freq_factor": 1.0,
+                                       "original_max_position_embeddings": 8192, "rope_type": "llama3"},
+                         rope_theta=500000.0, tie_word_embeddings=True, torch_dtype="bfloat16",
+                         use_cache=True, vocab_size=128256),
 }
 
 
