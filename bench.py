@@ -62,6 +62,8 @@ def parse_args():
     parser.add_argument("--tensor-parallel-size", type=int, default=1)
     parser.add_argument("--enforce-eager", action="store_true")
     parser.add_argument("--latency", action="store_true", help="decode latency at batch sizes 1, 8, 64")
+    parser.add_argument("--mixed-sampling", action="store_true",
+                        help="also run the workload with a mix of greedy, top-k/top-p and penalised requests")
     return parser.parse_args()
 
 
@@ -80,6 +82,12 @@ def make_llm(args) -> LLM:
                skip_tokenizer_init=args.load_format == "dummy", **options)
 
 
+# The --mixed-sampling variants, cycled over the requests (each keeps its own max_tokens).
+MIXED_SAMPLING = (dict(temperature=0.0), dict(temperature=0.6, top_k=50, top_p=0.9),
+                  dict(temperature=0.6, repetition_penalty=1.1, presence_penalty=0.5, frequency_penalty=0.2),
+                  dict(temperature=0.6, min_p=0.05))
+
+
 def throughput(llm: LLM, args):
     seed(0)
     prompt_token_ids = [[randint(0, 10000) for _ in range(randint(100, args.max_input_len))]
@@ -87,11 +95,22 @@ def throughput(llm: LLM, args):
     sampling_params = [SamplingParams(temperature=0.6, ignore_eos=True, max_tokens=randint(100, args.max_output_len))
                        for _ in range(args.num_seqs)]
     llm.generate([[randint(0, 10000) for _ in range(16)]], SamplingParams(), use_tqdm=False)  # warm-up
-    start = time.time()
-    llm.generate(prompt_token_ids, sampling_params, use_tqdm=False)
-    elapsed = time.time() - start
-    total_tokens = sum(sp.max_tokens for sp in sampling_params)
-    print(f"Total: {total_tokens}tok, Time: {elapsed:.2f}s, Throughput: {total_tokens / elapsed:.2f}tok/s")
+    variants = {"plain": (prompt_token_ids, sampling_params)}
+    if args.mixed_sampling:  # fresh prompt tokens of the same lengths, so no prefix-cache hits
+        variants["mixed"] = ([[randint(0, 10000) for _ in p] for p in prompt_token_ids],
+                             [SamplingParams(ignore_eos=True, max_tokens=sp.max_tokens, **MIXED_SAMPLING[i % 4])
+                              for i, sp in enumerate(sampling_params)])
+    results = {}
+    for name, (prompts, params) in variants.items():
+        start = time.time()
+        llm.generate(prompts, params, use_tqdm=False)
+        elapsed = time.time() - start
+        total_tokens = sum(sp.max_tokens for sp in params)
+        results[name] = total_tokens / elapsed
+        label = "" if name == "plain" else f"[{name} sampling] "
+        print(f"{label}Total: {total_tokens}tok, Time: {elapsed:.2f}s, Throughput: {results[name]:.2f}tok/s")
+    if args.mixed_sampling:
+        print(f"mixed / plain throughput: {results['mixed'] / results['plain']:.3f}")
 
 
 def decode_latency(llm: LLM, batch_size: int, prompt_len: int = 128, max_tokens: int = 512) -> tuple[float, float]:

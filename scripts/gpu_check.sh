@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Everything the GPU machine checks, in one go: GPU tests, then benchmarks; a summary last.
-# Usage (repo root, on the GPU machine): bash scripts/gpu_check.sh [tests|bench|latency|bench8b|families|all]...
+# Usage (repo root, on the GPU machine): bash scripts/gpu_check.sh [tests|bench|latency|bench8b|families|mixed|all]...
 # Expects flash-attn's wheel in .gpu/ (see README), installs it into /tmp/site.
 set -uo pipefail
 python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .gpu/*.whl >/dev/null 2>&1
@@ -19,6 +19,8 @@ for what in "${@:-all}"; do
     families) for name in Qwen2.5-0.5B Llama-3.2-1B; do for i in 1 2; do
                  python3 bench.py --dummy-config $name 2>&1 | tee -a "$OUT/bench_$name.log"; done
                  summary+=("bench $name: $(grep Throughput "$OUT/bench_$name.log" | tr '\n' ' ')"); done ;;
+    mixed) for i in 1 2; do python3 bench.py --mixed-sampling 2>&1 | tee -a "$OUT/mixed.log"; done
+               summary+=("mixed sampling: $(grep -E 'Throughput|plain' "$OUT/mixed.log" | tr '\n' ' ')") ;;
     bench8b) for i in 1 2; do python3 bench.py --dummy-config Qwen3-8B 2>&1 | tee -a "$OUT/bench8b.log"; done
                summary+=("bench 8B: $(grep Throughput "$OUT/bench8b.log" | tr '\n' ' ')") ;;
   esac
