@@ -118,7 +118,8 @@ def decode_latency(llm: LLM, batch_size: int, prompt_len: int = 128, max_tokens:
     engine = llm.llm_engine
     params = SamplingParams(temperature=0.6, ignore_eos=True, max_tokens=max_tokens)
     for _ in range(batch_size):
-        engine.add_request([randint(0, 10000) for _ in range(prompt_len)], params)
+        engine.add_request(f"latency-{engine.get_num_unfinished_requests()}",
+                           [randint(0, 10000) for _ in range(prompt_len)], params)
     while engine.scheduler.waiting:  # prefill steps
         engine.step()
     steps, start = 0, time.perf_counter()

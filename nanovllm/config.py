@@ -9,6 +9,8 @@ from dataclasses import dataclass, field
 import torch
 from transformers import AutoConfig, PretrainedConfig
 
+from nanovllm.utils.hub import resolve_model_path
+
 _DTYPES = {"float32": torch.float32, "float": torch.float32, "float16": torch.float16,
            "half": torch.float16, "bfloat16": torch.bfloat16}
 LOAD_FORMATS = ("auto", "safetensors", "dummy")
@@ -19,7 +21,7 @@ DEFAULT_CUDA_GRAPH_SIZES = (1, 2, 4, 8, *range(16, 513, 16))
 
 @dataclass(frozen=True)
 class Config:
-    model: str
+    model: str  # a local folder, or a hub id: replaced by its local snapshot folder at construction
     tensor_parallel_size: int = 1
     enforce_eager: bool = False
     max_model_len: int = 4096
@@ -40,8 +42,7 @@ class Config:
     hf_config: PretrainedConfig = field(init=False, repr=False)
 
     def __post_init__(self):
-        if not isinstance(self.model, (str, os.PathLike)) or not os.path.isdir(self.model):
-            raise ValueError(f"model must be a local model folder, got {self.model!r}: no such directory.")
+        object.__setattr__(self, "model", resolve_model_path(self.model))  # a hub id becomes its snapshot folder
         if not os.path.isfile(os.path.join(self.model, "config.json")):
             raise ValueError(f"model folder {self.model!r} has no config.json.")
         _check_int("tensor_parallel_size", self.tensor_parallel_size, 1)

@@ -1,19 +1,39 @@
-"""What `LLM.generate` returns, with vLLM's names: one RequestOutput per prompt."""
+"""What `LLM.generate` / `LLM.chat` / `LLMEngine.step` return, with vLLM's (v0.8.5) names.
+
+One RequestOutput per request, holding `n` CompletionOutputs ordered by `index`. Fields are
+cumulative: `text` and `token_ids` hold everything generated so far. A finished completion has
+`finish_reason` "stop" (EOS, a stop token id or a stop string; `stop_reason` says which: the id,
+the string, None for EOS) or "length" (max_tokens or max_model_len). `token_ids` keep the token
+that stopped the request; `text` drops a stop string unless include_stop_str_in_output.
+"""
 from dataclasses import dataclass, field
 
 
-@dataclass
+@dataclass(slots=True)
+class Logprob:
+    """The log-probability of one token under the model's raw logits (before temperature,
+    penalties and top-k/top-p/min-p, as vLLM 0.8.5 reports it), its rank among all tokens
+    (1 = most likely) and its text (None without a tokenizer)."""
+    logprob: float
+    rank: int | None = None
+    decoded_token: str | None = None
+
+
+@dataclass(slots=True)
 class CompletionOutput:
     index: int
     text: str
     token_ids: list[int]
-    cumulative_logprob: float | None = None
-    logprobs: list | None = None
+    cumulative_logprob: float | None = None  # sum of the sampled tokens' logprobs; None unless logprobs
+    logprobs: list[dict[int, Logprob]] | None = None  # per sampled position: the sampled token and the top-k
     finish_reason: str | None = None  # "stop" or "length"; None while unfinished
-    stop_reason: int | str | None = None
+    stop_reason: int | str | None = None  # the stop token id or stop string; None for EOS and "length"
+
+    def finished(self) -> bool:
+        return self.finish_reason is not None
 
 
-@dataclass
+@dataclass(slots=True)
 class RequestOutput:
     request_id: str
     prompt: str | None  # None when the prompt was given as token ids
@@ -21,6 +41,7 @@ class RequestOutput:
     outputs: list[CompletionOutput] = field(default_factory=list)
     finished: bool = False
     num_cached_tokens: int | None = None  # prompt tokens served from the prefix cache
+    prompt_logprobs: None = None  # not supported; always None
 
     def __getitem__(self, key: str):
         """Scripts written for nano-vllm's dict results read `out["text"]` / `out["token_ids"]`:

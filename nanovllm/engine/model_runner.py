@@ -27,7 +27,7 @@ from nanovllm.config import Config
 from nanovllm.engine.sequence import Sequence
 from nanovllm.layers.compilable import CompilableOp
 from nanovllm.layers.attention import Attention
-from nanovllm.layers.sampler import Sampler
+from nanovllm.layers.sampler import Sampler, SamplingRows
 from nanovllm.models import get_model_class
 from nanovllm.utils.context import PAD_SLOT_ID, AttentionMetadata, forward_context
 from nanovllm.utils.loader import load_dummy_weights, load_model
@@ -51,6 +51,7 @@ class StepInput:
     context_lens: list[int] = field(default_factory=list)  # decode only
     logits_indices: list[int] = field(default_factory=list)  # rows that produce a next token
     temperatures: list[float] = field(default_factory=list)  # one per logits row
+    sampling: SamplingRows | None = None  # rank 0 only: the rows' sequences; None: temperature alone
 
 
 class ModelRunner:
@@ -239,7 +240,8 @@ class ModelRunner:
                 block_tables=[seq.block_table for seq in seqs],
                 context_lens=[seq.num_tokens for seq in seqs],
                 logits_indices=list(range(len(seqs))),
-                temperatures=[seq.sampling_params.temperature for seq in seqs])
+                temperatures=[seq.sampling_params.temperature for seq in seqs],
+                sampling=SamplingRows.of(seqs))
         step = StepInput(is_prefill=True, input_ids=[], positions=[], slot_mapping=[], block_tables=None,
                          cu_seqlens_q=[0], cu_seqlens_k=[0])
         for seq in seqs:
@@ -252,6 +254,7 @@ class ModelRunner:
             if end == seq.num_tokens:
                 step.logits_indices.append(step.cu_seqlens_q[-1] - 1)
                 step.temperatures.append(seq.sampling_params.temperature)
+        step.sampling = SamplingRows.of([s for s in seqs if s.is_prefill_complete_after_step])
         if any(seq.num_cached_tokens for seq in seqs):  # attend over cached prefixes too
             step.block_tables = [seq.block_table for seq in seqs]
         return step
@@ -299,7 +302,8 @@ class ModelRunner:
         if self.rank != 0:
             return None
         temperatures = self._tensor(step.temperatures, torch.float32)
-        return self.sampler(logits, temperatures).tolist()
+        batch = step.sampling.build(self.device) if step.sampling else None  # overlaps the queued forward
+        return self.sampler(logits, temperatures, batch).tolist()
 
     def _run_eager(self, step: StepInput) -> torch.Tensor:
         if step.is_prefill:

@@ -8,6 +8,9 @@ Each step is either a prefill batch or a decode batch, prefill first:
   token, the most recently admitted running sequence is preempted: its blocks are freed and it
   goes back to the head of `waiting`, to be recomputed (its prefix blocks are usually still
   cached). No request is dropped.
+- A sequence finishes on EOS or one of its stop_token_ids ("stop"), or at max_tokens /
+  max_model_len ("length"); the engine ends sequences on stop strings (`finish`) and on
+  `abort`, which both free the blocks at once.
 
 The scheduler takes plain numbers and can be built in a test without a model.
 """
@@ -116,9 +119,13 @@ class Scheduler:
             token_id = next(tokens)
             seq.append_token(token_id)
             params = seq.sampling_params
+            # The sampler masks EOS and stop_token_ids while a sequence is below min_tokens.
             if not params.ignore_eos and token_id in self.eos_token_ids:
                 self.finish(seq, "stop")
-            elif seq.num_completion_tokens >= params.max_tokens or seq.num_tokens >= self.max_model_len:
+            elif params.stop_token_ids and token_id in params.stop_token_ids:
+                seq.stop_reason = token_id
+                self.finish(seq, "stop")
+            elif seq.num_completion_tokens >= seq.max_tokens or seq.num_tokens >= self.max_model_len:
                 self.finish(seq, "length")
             if seq.is_finished:
                 finished.append(seq)
@@ -126,7 +133,21 @@ class Scheduler:
         return finished
 
     def finish(self, seq: Sequence, reason: str):
+        """End a running sequence (also used by the engine for stop strings) and free its blocks."""
         seq.status = SequenceStatus.FINISHED
         seq.finish_reason = reason
         self.block_manager.deallocate(seq)
         self.running.remove(seq)
+
+    def abort(self, seq: Sequence):
+        """Drop an unfinished sequence wherever it is (waiting, possibly half-prefilled, or
+        running) and free its blocks; its finish_reason becomes "abort"."""
+        if seq.status == SequenceStatus.RUNNING:
+            self.running.remove(seq)
+        elif seq.status == SequenceStatus.WAITING:
+            self.waiting.remove(seq)
+        else:
+            return
+        self.block_manager.deallocate(seq)
+        seq.status = SequenceStatus.FINISHED
+        seq.finish_reason = "abort"

@@ -1,10 +1,16 @@
-"""One request's token ids, KV block table and progress.
+"""One sequence (one completion of a request): its token ids, KV block table and progress.
 
 Invariants: `token_ids[:num_cached_tokens]` have their K/V in the blocks of `block_table`;
 a scheduled step computes `token_ids[num_cached_tokens : num_cached_tokens + num_scheduled_tokens]`.
+Tokens are only ever appended (preemption recomputes K/V, it never drops tokens).
 The block size is not stored here: the BlockManager owns it.
+
+`sampling_state` belongs to the sampler on rank 0 (per-request generator, token-id mirror for
+penalties); it is created on the sequence's first sampled step and dies with the sequence.
 """
+import sys
 from enum import Enum, auto
+from typing import Any
 
 from nanovllm.sampling_params import SamplingParams
 
@@ -17,17 +23,28 @@ class SequenceStatus(Enum):
 
 class Sequence:
 
-    def __init__(self, seq_id: int, token_ids: list[int], sampling_params: SamplingParams):
+    def __init__(self, seq_id: int, token_ids: list[int], sampling_params: SamplingParams, *,
+                 seed: int | None = None, all_stop_token_ids: frozenset[int] = frozenset()):
+        """`seed`: this sequence's sampling seed (None: the engine's random stream); a request with
+        n > 1 gives its i-th sequence `sampling_params.seed + i`. `all_stop_token_ids`: ids that
+        end the sequence (EOS unless ignore_eos, and stop_token_ids), masked while it is shorter
+        than `min_tokens`."""
         self.seq_id = seq_id
         self.status = SequenceStatus.WAITING
         self.token_ids = list(token_ids)
         self.num_prompt_tokens = len(self.token_ids)
         self.sampling_params = sampling_params
+        self.seed = seed
+        self.all_stop_token_ids = all_stop_token_ids
+        # max_tokens=None: no limit of its own; max_model_len still ends the sequence.
+        self.max_tokens = sys.maxsize if sampling_params.max_tokens is None else sampling_params.max_tokens
         self.block_table: list[int] = []
         self.num_cached_tokens = 0      # tokens whose K/V are in the cache
         self.num_scheduled_tokens = 0   # tokens the current step computes
         self.num_prefix_cached_tokens: int | None = None  # prompt tokens found in the prefix cache on admission
-        self.finish_reason: str | None = None
+        self.finish_reason: str | None = None  # "stop", "length" or "abort"
+        self.stop_reason: int | str | None = None  # the stop_token_id or stop string; None for EOS
+        self.sampling_state: Any = None
 
     def __len__(self) -> int:
         return len(self.token_ids)
@@ -39,6 +56,10 @@ class Sequence:
     @property
     def num_completion_tokens(self) -> int:
         return len(self.token_ids) - self.num_prompt_tokens
+
+    @property
+    def prompt_token_ids(self) -> list[int]:
+        return self.token_ids[:self.num_prompt_tokens]
 
     @property
     def completion_token_ids(self) -> list[int]:

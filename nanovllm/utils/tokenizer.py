@@ -1,12 +1,35 @@
-"""Tokenizer loading and the set of end-of-sequence token ids."""
+"""Tokenizer loading, and what a checkpoint's generation_config.json says: the end-of-sequence
+ids, and the default sampling settings (vLLM's `get_diff_sampling_param`)."""
 import json
 import os
 
 from transformers import AutoTokenizer, PretrainedConfig, PreTrainedTokenizerBase
 
+# generation_config.json keys that override SamplingParams' defaults when the user gives none;
+# max_new_tokens is Hugging Face's name of max_tokens.
+GENERATION_CONFIG_SAMPLING_KEYS = ("repetition_penalty", "temperature", "top_k", "top_p", "min_p", "max_new_tokens")
+
 
 def load_tokenizer(path: str) -> PreTrainedTokenizerBase:
     return AutoTokenizer.from_pretrained(path, use_fast=True)
+
+
+def read_generation_config(path: str) -> dict:
+    """The contents of `path`/generation_config.json; {} when there is none."""
+    file = os.path.join(path, "generation_config.json")
+    if not os.path.isfile(file):
+        return {}
+    with open(file) as f:
+        return json.load(f)
+
+
+def default_sampling_overrides(generation_config: dict) -> dict:
+    """The SamplingParams keyword arguments that generation_config.json sets (None values ignored)."""
+    overrides = {key: generation_config[key] for key in GENERATION_CONFIG_SAMPLING_KEYS
+                 if generation_config.get(key) is not None}
+    if "max_new_tokens" in overrides:
+        overrides["max_tokens"] = overrides.pop("max_new_tokens")
+    return overrides
 
 
 def _as_set(value) -> set[int]:
@@ -20,10 +43,7 @@ def eos_token_ids(path: str, hf_config: PretrainedConfig,
     """Every id that ends a sequence: generation_config.json's `eos_token_id` (an int or a list),
     the model config's, and the tokenizer's."""
     ids = _as_set(getattr(hf_config, "eos_token_id", None))
-    generation_config = os.path.join(path, "generation_config.json")
-    if os.path.isfile(generation_config):
-        with open(generation_config) as f:
-            ids |= _as_set(json.load(f).get("eos_token_id"))
+    ids |= _as_set(read_generation_config(path).get("eos_token_id"))
     if tokenizer is not None:
         ids |= _as_set(tokenizer.eos_token_id)
     return frozenset(ids)
