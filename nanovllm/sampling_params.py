@@ -31,7 +31,7 @@ class SamplingParams:
     top_p: float = 1.0
     top_k: int = -1                     # -1 or 0: off
     min_p: float = 0.0
-    seed: int | None = None             # per-request generator; None: the engine's random stream
+    seed: int | None = None             # per-request noise; None: the engine's random stream
     stop: str | list[str] | None = None
     stop_token_ids: list[int] | None = None
     ignore_eos: bool = False

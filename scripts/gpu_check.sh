@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Everything the GPU machine checks, in one go: GPU tests, then benchmarks; a summary last.
-# Usage (repo root, on the GPU machine): bash scripts/gpu_check.sh [tests|bench|latency|bench8b|families|mixed|all]...
+# Usage (repo root, on the GPU machine): bash scripts/gpu_check.sh [tests|bench|latency|bench8b|families|mixed|sampler|tp|all]...
+# tp needs two GPUs (device kind nvidia-h200-x2); all runs tests, bench and latency.
 # Expects flash-attn's wheel in .gpu/ (see README), installs it into /tmp/site.
 set -uo pipefail
 python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .gpu/*.whl >/dev/null 2>&1
@@ -21,6 +22,12 @@ for what in "${@:-all}"; do
                  summary+=("bench $name: $(grep Throughput "$OUT/bench_$name.log" | tr '\n' ' ')"); done ;;
     mixed) for i in 1 2; do python3 bench.py --mixed-sampling 2>&1 | tee -a "$OUT/mixed.log"; done
                summary+=("mixed sampling: $(grep -E 'Throughput|plain' "$OUT/mixed.log" | tr '\n' ' ')") ;;
+    sampler) python3 scripts/bench_sampler.py 2>&1 | tee -a "$OUT/sampler.log"
+               summary+=("sampler: $(grep ms/step "$OUT/sampler.log" | tr '\n' ' ')") ;;
+    tp) python3 -m pytest -q -rA tests/test_gpu.py -k tensor_parallel 2>&1 | tee "$OUT/tp_tests.log"
+        for i in 1 2; do python3 bench.py --tensor-parallel-size 2 2>&1 | tee -a "$OUT/bench_tp2.log"; done
+        summary+=("tp tests: $(tail -n 1 "$OUT/tp_tests.log")" "bench tp=2: $(grep Throughput "$OUT/bench_tp2.log" | tr '\n' ' ')"
+                  "left over: $(nvidia-smi --query-compute-apps=pid --format=csv,noheader | wc -l) GPU processes, $(ls /dev/shm | grep -c nanovllm) shared-memory segments") ;;
     bench8b) for i in 1 2; do python3 bench.py --dummy-config Qwen3-8B 2>&1 | tee -a "$OUT/bench8b.log"; done
                summary+=("bench 8B: $(grep Throughput "$OUT/bench8b.log" | tr '\n' ' ')") ;;
   esac

@@ -1,6 +1,6 @@
-"""Kernels against their torch reference. The Triton store_kvcache kernel runs under Triton's
-interpreter on the CPU (TRITON_INTERPRET=1 must be set before Triton compiles anything, so the
-check runs in a subprocess); on a GPU it runs compiled."""
+"""Kernels against their torch reference. The Triton kernels (store_kvcache, the sampling race)
+run under Triton's interpreter on the CPU (TRITON_INTERPRET=1 must be set before Triton compiles
+anything, so each check runs in a subprocess); on a GPU they run compiled."""
 import os
 import subprocess
 import sys
@@ -36,6 +36,55 @@ CHECK = textwrap.dedent("""
 """)
 
 
+# The sampling race (Triton) against direct computations: greedy rows are torch's argmax (first
+# index on ties, also across slices of a row), a threshold keeps exactly the tokens at or above it,
+# draws follow softmax(logits / temperature), and a row's noise depends on its key alone. The
+# interpreter is slow per program: small vocabularies, with small blocks so that rows still span
+# several loop iterations and slices.
+RACE_CHECK = textwrap.dedent("""
+    import torch
+    from nanovllm.layers.sampling_race import race_torch, race_triton
+    device, block, vocab, num_draws = "{device}", {block}, {vocab}, {num_draws}
+    base = 1 << 61
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(4, vocab, generator=g) * 3
+    logits[1, 3] = logits[1, vocab - 5] = 50.0  # a tie in different slices: the first wins
+    logits[2] = 0.0                             # all tied: column 0
+    for dtype in (torch.float32, torch.bfloat16):
+        x = logits.to(device, dtype)
+        tokens = race_triton(x, torch.zeros(4, device=device), None, base, block=block)
+        assert tokens.tolist() == x.float().argmax(-1).tolist() and tokens[1] == 3 and tokens[2] == 0, tokens
+
+    def draws(row, temperature, rows, thresholds=None, keys=None, key=base):
+        batch = row.expand(rows, -1).contiguous().to(device)
+        temperatures = torch.full((rows,), temperature, device=device)
+        return race_triton(batch, temperatures, thresholds, key, keys, block=block).cpu()
+
+    row = torch.randn(vocab, generator=g)
+    kept = row.topk(5).indices
+    threshold = torch.full((300,), row[kept[-1]].item(), device=device)  # a raw logit: kept, exactly
+    assert set(draws(row, 0.7, 300, threshold).tolist()) == set(kept.tolist())
+
+    row = torch.full((vocab,), -1000.0)  # no mass outside cols, even at temperature 2 over a large vocabulary
+    cols = [1, vocab // 2, vocab - 2]
+    row[cols] = torch.tensor([0.5, 0.3, 0.2]).log()
+    for temperature in (1.0, 2.0):
+        p = torch.tensor([0.5, 0.3, 0.2], dtype=torch.float64) ** (1 / temperature)
+        tokens = draws(row, temperature, num_draws, key=base + 10**6 * int(temperature))
+        freq = torch.tensor([(tokens == c).sum().item() for c in cols], dtype=torch.float64) / num_draws
+        assert (freq - p / p.sum()).abs().max() < 4 * (0.25 / num_draws) ** 0.5, (temperature, freq)
+
+    flat = torch.zeros(vocab)
+    keys = torch.arange(base, base + 64, device=device)
+    first = draws(flat, 1.0, 64, keys=keys)
+    assert torch.equal(draws(flat, 1.0, 64, keys=keys.flip(0)), first.flip(0))  # key, not position
+    assert torch.equal(draws(flat, 1.0, 64, key=base), first)                   # base_key + row
+    assert not torch.equal(draws(flat, 1.0, 64, key=base + 64), first)
+    assert len(set(first.tolist())) > 20
+    print("race ok")
+""")
+
+
 def test_store_kvcache_torch_skips_padding():
     k, v = torch.randn(3, 2, 4), torch.randn(3, 2, 4)
     k_cache, v_cache = torch.zeros(2, 2, 2, 4), torch.zeros(2, 2, 2, 4)
@@ -58,3 +107,20 @@ def test_store_kvcache_triton_interpreter(head_dim):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_store_kvcache_triton_gpu():
     exec(CHECK.format(device="cuda", head_dim=128), {})
+
+
+def test_sampling_race_triton_interpreter():
+    pytest.importorskip("triton")
+    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=ROOT)
+    result = subprocess.run([sys.executable, "-c", RACE_CHECK.format(device="cpu", block=16, vocab=100, num_draws=600)], env=env,
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "race ok" in result.stdout
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("vocab", [100, 151936])
+def test_sampling_race_triton_gpu(vocab):
+    from nanovllm.layers.sampling_race import RACE_BLOCK
+    exec(RACE_CHECK.format(device="cuda", block=RACE_BLOCK, vocab=vocab, num_draws=20000), {})

@@ -87,6 +87,14 @@ def test_top_k_keeps_exactly_the_k_largest():
     assert len(support(row, lambda: seq(temperature=50.0, top_k=-1))) > 5
 
 
+def test_bf16_logits_keep_exact_supports():
+    """Thresholds are computed in the logits' dtype and compared exactly: top-k keeps k tokens."""
+    row = random_logits(1, seed=9)[0].bfloat16()
+    assert len(set(row.float().topk(5).values.tolist())) == 5  # no tie at the top-k boundary
+    assert support(row, lambda: seq(temperature=0.8, top_k=4)) == set(row.float().topk(4).indices.tolist())
+    assert sample(row[None], [seq(temperature=0)]).token_ids.item() == row.float().argmax().item()
+
+
 def _top_p_set(row: torch.Tensor, p: float) -> set[int]:
     """The smallest set of most likely tokens whose probability reaches p (direct computation)."""
     probs = torch.softmax(row.double(), -1).tolist()
@@ -164,8 +172,7 @@ def test_penalty_token_mirror_follows_new_tokens():
     for _ in range(3):
         tensors = SamplingBatch.build([s], torch.device("cpu")).to_device(torch.device("cpu"))
         assert tensors.output_token_ids.tolist() == s.completion_token_ids
-        num = s.num_completion_tokens
-        assert tensors.output_pair_penalised.tolist() == tensors.output_pair_rows.tolist() == [0] * num
+        assert tensors.output_lens.tolist() == [s.num_completion_tokens] and tensors.penalty_rows.tolist() == [0]
         assert tensors.prompt_token_ids.tolist() == []  # no repetition penalty: the prompt is not needed
         s.append_token(7)
     assert s.completion_token_ids == [7, 7, 7]
@@ -186,8 +193,8 @@ def test_seeded_rows_do_not_depend_on_the_batch():
     logits = random_logits(6, seed=6)
     target = logits[2]
 
-    def run(position: int, batch_size: int, **params) -> list[int]:
-        s = seq(seed=1234, temperature=0.9, **params)
+    def run(position: int, batch_size: int, seed: int = 1234, **params) -> list[int]:
+        s = seq(seed=seed, temperature=0.9, **params)
         others = [seq(temperature=1.0) for _ in range(batch_size - 1)]
         tokens = []
         for step in range(5):
@@ -195,14 +202,14 @@ def test_seeded_rows_do_not_depend_on_the_batch():
             batch_logits = random_logits(batch_size, seed=100 + step)
             batch_logits[position] = target
             tokens.append(sample(batch_logits, rows).token_ids[position].item())
+            s.append_token(tokens[-1])  # as the engine does: the next draw has the next key
         return tokens
 
     reference = run(0, 1)
     assert run(3, 6) == reference and run(1, 2) == reference
-    assert len(set(reference)) > 1  # the generator advances from step to step
+    assert len(set(reference)) > 1  # the noise changes from one drawn token to the next
     assert run(0, 4, top_p=0.999) == run(2, 3, top_p=0.999)
-    other_seed = seq(seed=99, temperature=0.9)
-    assert [sample(target[None].clone(), [other_seed]).token_ids.item() for _ in range(5)] != reference
+    assert run(0, 1, seed=99) != reference
 
 
 def test_logprobs_are_those_of_the_raw_logits():

@@ -3,7 +3,7 @@
 Requests and sequences: a request (`request_id`: the caller's string, or a counter that
 `generate` assigns) owns `n` Sequences, one per completion, each holding the whole prompt; the
 prefix cache then shares the prompt's full KV blocks among them. With a seed, completion i
-samples from its own generator seeded with `seed + i`.
+draws its noise with the seed `seed + i`.
 
 A step: the scheduler picks sequences, the ModelRunner samples one token for each sequence that
 completed its prompt, the scheduler appends the tokens and ends sequences on EOS, stop_token_ids
@@ -59,7 +59,6 @@ class TokensPrompt(TypedDict, total=False):
 PromptType = Union[str, list[int], TextPrompt, TokensPrompt]
 WORKER_JOIN_TIMEOUT_S = 30
 MAX_LOGPROBS = 20  # vLLM's default max_logprobs
-NO_SAMPLES = SampledTokens([])
 
 
 @dataclass(eq=False)
@@ -293,7 +292,7 @@ class LLMEngine:
         sampled_seqs = output.seqs
         if self._tracked and output.is_prefill:  # rows are the sequences whose prompt completes
             sampled_seqs = [seq for seq in output.seqs if seq.is_prefill_complete_after_step]
-        sampled = self.model_runner.run(output.seqs, output.is_prefill) or NO_SAMPLES  # [] when none sampled
+        sampled = self.model_runner.run(output.seqs, output.is_prefill)
         finished = self.scheduler.update(output, sampled.token_ids)
         progressed = self._track(sampled_seqs, sampled, finished) if self._tracked else []
         return [r for r in map(self._finish_seq, finished) if r is not None], progressed, num_tokens

@@ -27,7 +27,7 @@ from nanovllm.config import Config
 from nanovllm.engine.sequence import Sequence
 from nanovllm.layers.compilable import CompilableOp
 from nanovllm.layers.attention import Attention
-from nanovllm.layers.sampler import Sampler, SamplingRows
+from nanovllm.layers.sampler import SampledTokens, Sampler, SamplingRows
 from nanovllm.models import get_model_class
 from nanovllm.utils.context import PAD_SLOT_ID, AttentionMetadata, forward_context
 from nanovllm.utils.loader import load_dummy_weights, load_model
@@ -103,7 +103,9 @@ class ModelRunner:
             for module in self.model.modules():
                 if isinstance(module, CompilableOp):
                     module.use_compiled()
-        self.sampler = Sampler()
+        self.sampler = Sampler(config.seed)
+        if self.rank == 0:
+            self.sampler.warm_up(hf_config.vocab_size, (config.torch_dtype, torch.float32), self.device)
         self.attention_layers = [m for m in self.model.modules() if isinstance(m, Attention)]
         self.num_kv_heads = self.attention_layers[0].num_kv_heads
         self.head_dim = self.attention_layers[0].head_dim
@@ -280,22 +282,23 @@ class ModelRunner:
 
     # ---- execution -------------------------------------------------------------------------
 
-    def run(self, seqs: list[Sequence], is_prefill: bool) -> list[int]:
-        """Run one step on every rank; returns one sampled token per sequence that completed its
-        prompt this step (all of them for decode), in `seqs` order."""
+    def run(self, seqs: list[Sequence], is_prefill: bool) -> SampledTokens | None:
+        """Run one step on every rank; returns (rank 0) one sampled token per sequence that
+        completed its prompt this step (all of them for decode), in `seqs` order."""
         step = self.prepare(seqs, is_prefill)
         if self.world_size > 1:
             self._call_workers("execute", step)
         return self.execute(step)
 
     @torch.inference_mode()
-    def execute(self, step: StepInput) -> list[int] | None:
+    def execute(self, step: StepInput) -> SampledTokens | None:
+        """The forward (every rank) and the sampling (rank 0; None on the other ranks)."""
         if not step.is_prefill and self.graph_sizes and len(step.input_ids) <= self.graph_sizes[-1]:
             hidden_states = self._replay_graph(step)
         else:
             hidden_states = self._run_eager(step)
         if not step.logits_indices:
-            return [] if self.rank == 0 else None
+            return SampledTokens([]) if self.rank == 0 else None
         if step.is_prefill:
             hidden_states = hidden_states[self._upload_ints(step.logits_indices)[0]]
         logits = self.model.compute_logits(hidden_states)

@@ -5,8 +5,8 @@ a scheduled step computes `token_ids[num_cached_tokens : num_cached_tokens + num
 Tokens are only ever appended (preemption recomputes K/V, it never drops tokens).
 The block size is not stored here: the BlockManager owns it.
 
-`sampling_state` belongs to the sampler on rank 0 (per-request generator, token-id mirror for
-penalties); it is created on the sequence's first sampled step and dies with the sequence.
+`sampling_state` belongs to the sampler on rank 0 (the token-id mirror of a penalised
+sequence); it is created on the sequence's first penalised step and dies with the sequence.
 """
 import sys
 from enum import Enum, auto

@@ -10,28 +10,28 @@ One pass over the [num_rows, vocab_size] logits of a step, in vLLM's order:
      written back; duplicate pairs write equal values, so no deduplication is needed.
   3. min_tokens: a row still short of its min_tokens gets its stop ids (EOS unless ignore_eos,
      stop_token_ids) set to -inf.
-  4. greedy rows (temperature 0) take the argmax of these logits.
-  5. temperature; then top-k, top-p and min-p, each as a per-row logit threshold, applied in one
-     masking pass: a row with top-k keeps its k largest logits and, with top-p too, the most
-     likely of those up to top_p (one torch.topk of the batch's largest k, no sort); min-p keeps
-     logits >= the row's largest + log(min_p) (p >= min_p * p_max). A row with top-p alone needs
-     its vocabulary sorted, as in vLLM: only such rows are.
-  6. the exponential race (equivalent to Gumbel-max): with E ~ Exp(1) i.i.d., argmax(p / E) is
-     distributed as Categorical(p) and needs no normalisation, cumsum or sort. A seeded request
-     draws its row's E from its own torch.Generator (on the device; one kernel per seeded row),
-     so its tokens depend on its seed and its logits only, never on the batch it shares.
+  4. top-k, top-p and min-p as one keep threshold per row on the logits (probabilities are
+     those after temperature): a row with top-k keeps its k largest logits and, with top-p too,
+     the most likely of those up to top_p (one torch.topk of the batch's largest k, no sort);
+     min-p keeps logits >= the row's largest + temperature * log(min_p) (p >= min_p * p_max). A
+     row with top-p alone needs its vocabulary sorted, as in vLLM: only such rows are.
+  5. the draw (`sampling_race`): temperature, the threshold and Gumbel-max in one pass over the
+     logits (one Triton kernel on the GPU); greedy rows (temperature 0) take the argmax. A
+     seeded request's noise is keyed by its seed and its number of drawn tokens, so its tokens
+     depend on its seed and its logits only, never on the batch it shares.
 Each stage reads only the rows that ask for it; a step whose rows all use temperature alone (no
-`SamplingBatch`) runs steps 4-6 and nothing else. Which stages run is decided on the host, so
-nothing syncs with the device before the results are copied back (one copy per result kind).
+`SamplingBatch`) runs step 5 and nothing else, on the logits as the model gave them (no float32
+copy). Which stages run is decided on the host, so nothing syncs with the device before the
+results are copied back (one copy per result kind).
 
 `SamplingRows` carries a step's sequences from `ModelRunner.prepare` to the sampler (rank 0 only;
 it pickles to None); `SamplingBatch.build` then collects their settings as host lists, once the
 forward is queued so that this host work overlaps the GPU's, and `to_device` uploads them as one
-int and one float tensor. Per-sequence state (`seq.sampling_state`: a seeded request's
-generator, a numpy mirror of a penalised request's token ids, grown by the new tokens only)
-lives on the Sequence.
+int and one float tensor. Per-sequence state (`seq.sampling_state`: a numpy mirror of a
+penalised request's token ids, grown by the new tokens only) lives on the Sequence.
 """
 import math
+import random
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
@@ -40,14 +40,14 @@ import torch
 from torch import nn
 
 from nanovllm.engine.sequence import Sequence
+from nanovllm.layers.sampling_race import draw_key, race_torch, race_triton, triton
 
 
 class _SequenceState:
     """Sampler-side state of one sequence (rank 0)."""
-    __slots__ = ("generator", "mirror", "num_mirrored")
+    __slots__ = ("mirror", "num_mirrored")
 
     def __init__(self):
-        self.generator: torch.Generator | None = None
         self.mirror = np.empty(0, dtype=np.int64)
         self.num_mirrored = 0
 
@@ -102,9 +102,6 @@ class SamplingBatch:
     same order; a stage with no rows does not run.
     """
     num_rows: int
-    any_greedy: bool = False
-    all_greedy: bool = False
-    divisors: list[float] = field(default_factory=list)  # per row: its temperature, 1.0 for greedy rows
     # top-k, with top-p among the top-k
     top_k_rows: list[int] = field(default_factory=list)
     top_ks: list[int] = field(default_factory=list)
@@ -125,7 +122,8 @@ class SamplingBatch:
     # min_tokens: (row, token id) pairs to mask
     suppressed_rows: list[int] = field(default_factory=list)
     suppressed_ids: list[int] = field(default_factory=list)
-    seeded: list[tuple[int, torch.Generator]] = field(default_factory=list)
+    seeded_rows: list[int] = field(default_factory=list)
+    seeded_keys: list[int] = field(default_factory=list)  # draw_key of each seeded row's next token
     logprob_rows: list[int] = field(default_factory=list)
     max_logprobs: int = 0  # the largest k asked for by a row of logprob_rows
 
@@ -134,9 +132,6 @@ class SamplingBatch:
         """The settings of `seqs` (one per logits row, in row order). Creates
         `seq.sampling_state` on first use."""
         batch = cls(num_rows=len(seqs))
-        batch.divisors = [seq.sampling_params.temperature or 1.0 for seq in seqs]
-        num_greedy = sum(seq.sampling_params.temperature == 0 for seq in seqs)
-        batch.any_greedy, batch.all_greedy = num_greedy > 0, num_greedy == len(seqs)
         for row, seq in enumerate(seqs):
             p = seq.sampling_params
             if p.temperature_only:
@@ -151,15 +146,13 @@ class SamplingBatch:
             if p.min_p > 0:
                 batch.min_p_rows.append(row)
                 batch.log_min_ps.append(math.log(p.min_p))
-            state = seq.sampling_state
-            if state is None:
-                state = seq.sampling_state = _SequenceState()
             if seq.seed is not None:
-                if state.generator is None:
-                    state.generator = torch.Generator(device).manual_seed(seq.seed)
-                batch.seeded.append((row, state.generator))
+                batch.seeded_rows.append(row)
+                batch.seeded_keys.append(draw_key(seq.seed, seq.num_completion_tokens))
             if p.presence_penalty or p.frequency_penalty or p.repetition_penalty != 1:
-                token_ids = state.token_ids(seq)
+                if seq.sampling_state is None:
+                    seq.sampling_state = _SequenceState()
+                token_ids = seq.sampling_state.token_ids(seq)
                 batch.penalty_rows.append(row)
                 batch.presence_penalties.append(p.presence_penalty)
                 batch.frequency_penalties.append(p.frequency_penalty)
@@ -178,20 +171,26 @@ class SamplingBatch:
     def any_repetition(self) -> bool:
         return any(r != 1 for r in self.repetition_penalties)
 
-    def to_device(self, device: torch.device) -> "SamplingTensors":
-        """Upload the lists: one copy of all ints, one of all floats. Per (row, token) pair of
-        the penalties: the penalised row's index and the batch row, computed here on the host."""
-        penalised = np.arange(len(self.penalty_rows))
-        rows = np.asarray(self.penalty_rows, np.int64)
+    @property
+    def any_threshold(self) -> bool:
+        return bool(self.top_k_rows or self.top_p_rows or self.min_p_rows)
+
+    def to_device(self, device: torch.device, base_key: int = 0) -> "SamplingTensors":
+        """Upload the lists: one copy of all ints, one of all floats. The penalties' token ids
+        travel once each; which row a token belongs to is rebuilt on the device from the lengths.
+        With seeded rows, `keys` holds every row's noise key (`base_key + row` for the others)."""
         output_lens = [len(a) for a in self.output_token_ids]
         prompt_lens = [len(a) for a in self.prompt_token_ids]
-        int_lists = [self.top_k_rows, self.top_ks, self.top_p_rows, self.min_p_rows,
-                     self.suppressed_rows, self.suppressed_ids, self.logprob_rows]
+        int_lists = [self.top_k_rows, self.top_ks, self.top_p_rows, self.min_p_rows, self.suppressed_rows,
+                     self.suppressed_ids, self.logprob_rows, self.penalty_rows, output_lens, prompt_lens]
         ints = [np.asarray(x, np.int64) for x in int_lists]
-        ints += [np.repeat(penalised, output_lens), np.repeat(rows, output_lens), *self.output_token_ids,
-                 np.repeat(penalised, prompt_lens), np.repeat(rows, prompt_lens), *self.prompt_token_ids]
-        sizes = [len(x) for x in int_lists] + [sum(output_lens)] * 3 + [sum(prompt_lens)] * 3
-        floats = [self.divisors, self.top_k_top_ps, self.top_ps, self.log_min_ps, self.presence_penalties,
+        keys = np.empty(0, np.int64)
+        if self.seeded_rows:
+            keys = np.arange(base_key, base_key + self.num_rows, dtype=np.int64)
+            keys[self.seeded_rows] = self.seeded_keys
+        ints += [keys, *self.output_token_ids, *self.prompt_token_ids]
+        sizes = [len(x) for x in int_lists] + [len(keys), sum(output_lens), sum(prompt_lens)]
+        floats = [self.top_k_top_ps, self.top_ps, self.log_min_ps, self.presence_penalties,
                   self.frequency_penalties, self.repetition_penalties]
         int_parts = _upload(torch.from_numpy(np.concatenate(ints)), device).split(sizes)
         float_parts = _upload(torch.tensor([x for f in floats for x in f], dtype=torch.float32),
@@ -214,13 +213,12 @@ class SamplingTensors(NamedTuple):
     suppressed_rows: torch.Tensor
     suppressed_ids: torch.Tensor
     logprob_rows: torch.Tensor
-    output_pair_penalised: torch.Tensor  # per output token of a penalised row: index into penalty_rows
-    output_pair_rows: torch.Tensor       # ... its batch row
-    output_token_ids: torch.Tensor       # ... the token id
-    prompt_pair_penalised: torch.Tensor  # likewise for the prompt tokens of rows with a repetition penalty
-    prompt_pair_rows: torch.Tensor
-    prompt_token_ids: torch.Tensor
-    divisors: torch.Tensor
+    penalty_rows: torch.Tensor
+    output_lens: torch.Tensor            # per penalised row: its number of output tokens
+    prompt_lens: torch.Tensor            # ... of prompt tokens (0 without a repetition penalty)
+    keys: torch.Tensor                   # [num_rows] noise keys; empty without seeded rows
+    output_token_ids: torch.Tensor       # the penalised rows' output tokens, one row after another
+    prompt_token_ids: torch.Tensor       # likewise their prompt tokens
     top_k_top_ps: torch.Tensor
     top_ps: torch.Tensor
     log_min_ps: torch.Tensor
@@ -264,48 +262,39 @@ class SamplerOutput(NamedTuple):
 
 
 class Sampler(nn.Module):
+    """`seed`: the seed of the noise of unseeded requests (None: from the OS); rank 0 only."""
+
+    def __init__(self, seed: int | None = None):
+        super().__init__()
+        self._rng = random.Random(seed)
+
+    def warm_up(self, vocab_size: int, dtypes: tuple[torch.dtype, ...], device: torch.device):
+        """Compile the GPU draw for logits of each of `dtypes` now (the model's dtype; float32 for
+        penalised batches), so that no request waits for Triton's compiler."""
+        if device.type == "cuda" and triton is not None:
+            for dtype in dtypes:
+                race_triton(torch.zeros(1, vocab_size, dtype=dtype, device=device),
+                            torch.ones(1, device=device), None, 1 << 61)
 
     def forward(self, logits: torch.Tensor, temperatures: torch.Tensor,
                 batch: SamplingBatch | None = None) -> SamplerOutput:
-        """logits: [num_rows, vocab_size] (left unmodified); temperatures: [num_rows] on the same
-        device; batch: the rows' other settings, None when they use temperature alone."""
+        """logits: [num_rows, vocab_size] (left unmodified); temperatures: [num_rows] float32 on
+        the same device; batch: the rows' other settings, None when they use temperature alone."""
+        base_key = (1 << 61) | self._rng.getrandbits(60)  # this step's noise: keys base_key + row
+        race = race_triton if logits.is_cuda and triton is not None else race_torch
         if batch is None:  # plain temperature sampling
-            logits = logits.float()
-            greedy_tokens = logits.argmax(-1)
-            probs = torch.softmax(logits / temperatures.clamp(min=1e-5).unsqueeze(1), -1)
-            sampled = (probs / torch.empty_like(probs).exponential_(1)).argmax(-1)
-            return SamplerOutput(torch.where(temperatures == 0, greedy_tokens, sampled))
+            return SamplerOutput(race(logits, temperatures, None, base_key))
 
-        t = batch.to_device(logits.device)
-        logits = logits.to(torch.float32, copy=True)  # [num_rows, vocab_size], modified in place below
-        raw_logprobs = torch.log_softmax(logits[t.logprob_rows], -1) if batch.logprob_rows else None
-        if batch.penalty_rows:
-            _apply_penalties_(logits, t, batch.any_repetition)
-        if batch.suppressed_rows:
-            logits[t.suppressed_rows, t.suppressed_ids] = float("-inf")
-        greedy_tokens = logits.argmax(-1) if batch.any_greedy else None
-        if batch.all_greedy:
-            tokens = greedy_tokens
-        else:
-            logits.div_(t.divisors.unsqueeze(1))
-            if batch.top_p_rows:  # top-p without top-k: a sort of just these rows
-                logits[t.top_p_rows] = _apply_top_p(logits[t.top_p_rows], t.top_ps)
-            if batch.top_k_rows or batch.min_p_rows:  # one logit threshold per row, one masking pass
-                threshold = torch.full((batch.num_rows, 1), float("-inf"), device=logits.device)
-                if batch.top_k_rows:
-                    threshold[t.top_k_rows] = _top_k_top_p_threshold(logits[t.top_k_rows], t.top_ks,
-                                                                     t.top_k_top_ps, max(batch.top_ks))
-                if batch.min_p_rows:  # p < min_p * p_max  <=>  logit < max logit + log(min_p)
-                    min_p = logits[t.min_p_rows].amax(-1, keepdim=True) + t.log_min_ps.unsqueeze(1)
-                    threshold[t.min_p_rows] = torch.maximum(threshold[t.min_p_rows], min_p)
-                logits.masked_fill_(logits < threshold, float("-inf"))
-            probs = torch.softmax(logits, -1)
-            noise = torch.empty_like(probs).exponential_(1)
-            for row, generator in batch.seeded:
-                noise[row].exponential_(1, generator=generator)
-            tokens = (probs / noise).argmax(-1)
-            if batch.any_greedy:
-                tokens = torch.where(temperatures == 0, greedy_tokens, tokens)
+        t = batch.to_device(logits.device, base_key)
+        raw_logprobs = torch.log_softmax(logits[t.logprob_rows].float(), -1) if batch.logprob_rows else None
+        if batch.penalty_rows or batch.suppressed_rows:
+            logits = logits.to(torch.float32, copy=True)  # [num_rows, vocab_size], modified in place
+            if batch.penalty_rows:
+                _apply_penalties_(logits, t, batch.any_repetition)
+            if batch.suppressed_rows:
+                logits[t.suppressed_rows, t.suppressed_ids] = float("-inf")
+        thresholds = _thresholds(logits, temperatures, batch, t) if batch.any_threshold else None
+        tokens = race(logits, temperatures, thresholds, base_key, t.keys if batch.seeded_rows else None)
 
         if raw_logprobs is None:
             return SamplerOutput(tokens)
@@ -319,22 +308,52 @@ class Sampler(nn.Module):
         return SamplerOutput(tokens, batch.logprob_rows, ids, values, ranks)
 
 
+def _thresholds(logits: torch.Tensor, temperatures: torch.Tensor, batch: SamplingBatch,
+                t: SamplingTensors) -> torch.Tensor:
+    """[num_rows] float32: the smallest logit each row keeps (-inf: all); for top-k and top-p
+    exactly the logit of the last token kept. Selections and sorts run in the logits' own dtype
+    (bf16 halves their work) and only their results are widened: values stay exact."""
+    thresholds = torch.full((batch.num_rows,), float("-inf"), device=logits.device)
+    divisors = torch.where(temperatures == 0, 1.0, temperatures)  # [num_rows]
+
+    def rows_of(rows: list[int], index: torch.Tensor) -> torch.Tensor:  # no copy when it is every row
+        return logits if len(rows) == batch.num_rows else logits[index]
+
+    if batch.top_k_rows:
+        thresholds[t.top_k_rows] = _top_k_top_p_threshold(rows_of(batch.top_k_rows, t.top_k_rows),
+                                                          divisors[t.top_k_rows], t.top_ks, t.top_k_top_ps,
+                                                          max(batch.top_ks))
+    if batch.top_p_rows:  # top-p without top-k: a sort of just these rows
+        thresholds[t.top_p_rows] = _top_p_threshold(rows_of(batch.top_p_rows, t.top_p_rows),
+                                                    divisors[t.top_p_rows], t.top_ps)
+    if batch.min_p_rows:  # p < min_p * p_max  <=>  logit / T < max logit / T + log(min_p)
+        row_max = rows_of(batch.min_p_rows, t.min_p_rows).amax(-1).float()
+        thresholds[t.min_p_rows] = torch.maximum(thresholds[t.min_p_rows],
+                                                 row_max + divisors[t.min_p_rows] * t.log_min_ps)
+    return thresholds
+
+
 def _apply_penalties_(logits: torch.Tensor, t: SamplingTensors, any_repetition: bool):
     """vLLM's penalties, in place and sparse: only the (row, token) pairs of the penalised rows'
     prompt and output tokens are read and written."""
     flat, vocab_size = logits.view(-1), logits.shape[1]
+    num_penalised = len(t.penalty_rows)
+    # per output token: its penalised row (index into penalty_rows); output_size: no device sync
+    penalised = torch.arange(num_penalised, device=logits.device).repeat_interleave(
+        t.output_lens, output_size=len(t.output_token_ids))
     # occurrences of each output token in its row: [num_penalised * vocab_size], read at the pairs
-    keys = t.output_pair_penalised * vocab_size + t.output_token_ids
-    counts = torch.zeros(len(t.frequency_penalties) * vocab_size, dtype=torch.int32, device=logits.device)
+    keys = penalised * vocab_size + t.output_token_ids
+    counts = torch.zeros(num_penalised * vocab_size, dtype=torch.int32, device=logits.device)
     counts.scatter_add_(0, keys, torch.ones_like(keys, dtype=torch.int32))
-    output_index = t.output_pair_rows * vocab_size + t.output_token_ids
+    output_index = t.penalty_rows[penalised] * vocab_size + t.output_token_ids
     values = flat[output_index]  # original logits of the output pairs, read before any write
     if any_repetition:
-        prompt_index = t.prompt_pair_rows * vocab_size + t.prompt_token_ids
-        flat[prompt_index] = _repetition(flat[prompt_index], t.repetition_penalties[t.prompt_pair_penalised])
-        values = _repetition(values, t.repetition_penalties[t.output_pair_penalised])
-    values -= (t.frequency_penalties[t.output_pair_penalised] * counts[keys]
-               + t.presence_penalties[t.output_pair_penalised])
+        prompt_penalised = torch.arange(num_penalised, device=logits.device).repeat_interleave(
+            t.prompt_lens, output_size=len(t.prompt_token_ids))
+        prompt_index = t.penalty_rows[prompt_penalised] * vocab_size + t.prompt_token_ids
+        flat[prompt_index] = _repetition(flat[prompt_index], t.repetition_penalties[prompt_penalised])
+        values = _repetition(values, t.repetition_penalties[penalised])
+    values -= t.frequency_penalties[penalised] * counts[keys] + t.presence_penalties[penalised]
     flat[output_index] = values  # after the prompt pairs: a token in both gets all penalties
 
 
@@ -342,27 +361,26 @@ def _repetition(values: torch.Tensor, penalties: torch.Tensor) -> torch.Tensor:
     return torch.where(values > 0, values / penalties, values * penalties)
 
 
-def _top_k_top_p_threshold(logits: torch.Tensor, top_ks: torch.Tensor, top_ps: torch.Tensor,
-                           max_top_k: int) -> torch.Tensor:
-    """[num_rows, 1]: the smallest logit each row keeps under top-k, then top-p among the top-k,
+def _top_k_top_p_threshold(logits: torch.Tensor, divisors: torch.Tensor, top_ks: torch.Tensor,
+                           top_ps: torch.Tensor, max_top_k: int) -> torch.Tensor:
+    """[num_rows]: the smallest logit each row keeps under top-k, then top-p among the top-k,
     as vLLM: the k largest logits (ties with the k-th kept), then of those the most likely ones
     until the mass of the larger ones reaches top_p (probabilities renormalised over the top-k;
     top_p inf: all k). One torch.topk of the largest k: no sort of the vocabulary."""
     max_k = min(max_top_k, logits.shape[1])
-    values = logits.topk(max_k, -1).values  # [num_rows, max_k], descending
+    values = logits.topk(max_k, -1).values.float()  # [num_rows, max_k], descending
     in_top_k = torch.arange(max_k, device=logits.device) < top_ks.unsqueeze(1)
     values = values.masked_fill(~in_top_k, float("-inf"))
-    probs = values.softmax(-1)
+    probs = (values / divisors.unsqueeze(1)).softmax(-1)  # after temperature
     keep = in_top_k & (probs.cumsum(-1) - probs < top_ps.unsqueeze(1))  # mass of the larger ones < top_p
-    return values.gather(1, keep.sum(-1, keepdim=True).clamp(min=1) - 1)
+    return values.gather(1, keep.sum(-1, keepdim=True).clamp(min=1) - 1).squeeze(1)
 
 
-def _apply_top_p(logits: torch.Tensor, top_ps: torch.Tensor) -> torch.Tensor:
-    """vLLM's top-p on rows that all have top_p < 1, in one ascending sort: drop the smallest
-    tokens whose cumulative probability is <= 1 - top_p; the largest token is always kept."""
-    sorted_logits, order = logits.sort(-1)  # ascending
-    cumulative = sorted_logits.softmax(-1).cumsum(-1)
-    drop = cumulative <= (1 - top_ps).unsqueeze(1)
-    drop[:, -1] = False
-    sorted_logits.masked_fill_(drop, float("-inf"))
-    return torch.empty_like(logits).scatter_(1, order, sorted_logits)
+def _top_p_threshold(logits: torch.Tensor, divisors: torch.Tensor, top_ps: torch.Tensor) -> torch.Tensor:
+    """[num_rows]: the smallest logit each row keeps under vLLM's top-p, rows that all have
+    top_p < 1, in one ascending sort: the smallest tokens whose cumulative probability is
+    <= 1 - top_p are dropped; the largest token is always kept."""
+    sorted_logits = logits.sort(-1).values.float()  # ascending
+    cumulative = (sorted_logits / divisors.unsqueeze(1)).softmax(-1).cumsum(-1)  # after temperature
+    num_dropped = (cumulative <= (1 - top_ps).unsqueeze(1)).sum(-1, keepdim=True)  # a prefix: cumsum grows
+    return sorted_logits.gather(1, num_dropped.clamp(max=logits.shape[1] - 1)).squeeze(1)

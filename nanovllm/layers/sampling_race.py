@@ -1,0 +1,131 @@
+"""The last stage of sampling: temperature, the per-row keep threshold, and the draw.
+
+For each row of `logits` ([num_rows, vocab_size], any float dtype, read only):
+  tokens whose logit is below the row's threshold are out (top-k / top-p / min-p, computed by
+  the caller on the raw logits, usually one of the row's own logit values: comparing raw values
+  is exact, where scaled ones could differ in the last bit between torch and the kernel);
+  x = logits / temperature; the token is argmax(x + G) with G i.i.d. Gumbel(0, 1) (Gumbel-max:
+  distributed as Categorical(softmax(x)), no normalisation, cumsum or sort).
+  A greedy row (temperature 0) takes argmax(logits), first index on ties.
+
+Noise is a pure function of a 64-bit key per row: `keys[row]` for a seeded row (`draw_key`:
+its seed and the number of tokens it drew before, so its tokens depend on neither the batch nor
+the step it shares), `base_key + row` otherwise, with `base_key` drawn from the sampler's own
+random stream each step. On CUDA, `race_triton` is one Triton pass over the logits: Philox
+noise generated in registers, never written to memory; each program scans a slice of a row and
+a tiny torch argmax combines the slices. `race_torch` is the reference (CPU): the same math
+with a torch.Generator per key, so the CPU and GPU draws agree in distribution, not bit for bit.
+"""
+import torch
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # CPU-only installs without Triton use race_torch
+    triton = None
+
+MASK64 = (1 << 64) - 1
+MAX_KEY = (1 << 62) - 1  # keys stay below 2**63 even after adding a row index
+RACE_BLOCK = 1024        # columns per sub-block; one Philox call yields noise for 4 sub-blocks
+RACE_TARGET_PROGRAMS = 2048  # rows * slices aimed at, to fill every SM
+
+
+def draw_key(seed: int, draw: int) -> int:
+    """The noise key of a seeded sequence's `draw`-th token: splitmix64 of (seed, draw)."""
+    z = (seed * 0x9E3779B97F4A7C15 + draw + 1) & MASK64
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & MASK64
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & MASK64
+    return (z ^ (z >> 31)) & MAX_KEY
+
+
+def race_torch(logits: torch.Tensor, temperatures: torch.Tensor, thresholds: torch.Tensor | None,
+               base_key: int, keys: torch.Tensor | None = None) -> torch.Tensor:
+    """[num_rows] int64 tokens. `temperatures`, `thresholds`: [num_rows] float32 (thresholds None:
+    keep every token); `keys`: [num_rows] int64, None for `base_key + row`."""
+    greedy = temperatures == 0
+    logits = logits.float()
+    if thresholds is not None:
+        logits = logits.masked_fill(logits < thresholds.unsqueeze(1), float("-inf"))
+    scaled = logits / torch.where(greedy, 1.0, temperatures).unsqueeze(1)
+    noise = torch.empty_like(scaled)  # Exp(1): argmax(p / E) is the Gumbel-max draw
+    keys = range(base_key, base_key + len(scaled)) if keys is None else keys.tolist()
+    for row, key in enumerate(keys):
+        noise[row].exponential_(1, generator=torch.Generator(scaled.device).manual_seed(key))
+    sampled = (scaled.softmax(-1) / noise).argmax(-1)
+    return torch.where(greedy, scaled.argmax(-1), sampled)
+
+
+def race_triton(logits: torch.Tensor, temperatures: torch.Tensor, thresholds: torch.Tensor | None,
+                base_key: int, keys: torch.Tensor | None = None, block: int = RACE_BLOCK) -> torch.Tensor:
+    """race_torch's contract, in one Triton pass (CUDA, or CPU under TRITON_INTERPRET=1);
+    `block`: columns per sub-block (a power of two)."""
+    num_rows, vocab_size = logits.shape
+    assert logits.stride(1) == 1
+    step = 4 * block
+    num_slices = min(triton.cdiv(vocab_size, step), max(1, triton.cdiv(RACE_TARGET_PROGRAMS, num_rows)))
+    slice_len = triton.cdiv(triton.cdiv(vocab_size, num_slices), step) * step
+    num_slices = triton.cdiv(vocab_size, slice_len)
+    best = torch.empty(num_rows, num_slices, dtype=torch.float32, device=logits.device)
+    best_token = torch.empty(num_rows, num_slices, dtype=torch.int64, device=logits.device)
+    _race_kernel[(num_rows, num_slices)](
+        logits, logits.stride(0), vocab_size, temperatures,
+        temperatures if thresholds is None else thresholds, int(thresholds is not None),
+        best_token if keys is None else keys, int(keys is not None),  # best_token: any valid pointer
+        base_key, best, best_token, slice_len, num_slices, BLOCK=block)
+    winner = best.argmax(1, keepdim=True)  # first slice holding the maximum: first index on ties
+    return best_token.gather(1, winner).squeeze(1)
+
+
+if triton is not None:
+
+    @triton.jit
+    def _race_block(row_ptr, first, offsets, end, bits, inv_t, noise_scale, threshold, best, best_col):
+        """Fold the columns first + offsets into each lane's running (best score, its column)."""
+        cols = first + offsets
+        logit = tl.load(row_ptr + cols, mask=cols < end, other=float("-inf")).to(tl.float32)
+        u = ((bits >> 8).to(tl.float32) + 0.5) * (1.0 / 16777216.0)  # 24 bits: u in (0, 1), never 0 or 1
+        score = logit * inv_t - tl.log(-tl.log(u)) * noise_scale  # + Gumbel(0, 1); greedy rows add nothing
+        better = (score > best) & (logit >= threshold)  # strict: a lane's earlier column keeps a tie
+        return tl.where(better, score, best), tl.where(better, cols, best_col)
+
+    # Only the logits' dtype and the model's vocabulary size pick a compiled variant: the flags and
+    # the batch-dependent sizes are runtime values (Triton would otherwise specialise integers
+    # equal to 1 or divisible by 16), so a new batch size or sampling mix never compiles mid-run.
+    @triton.jit(do_not_specialize=["use_thresholds", "use_keys", "base_key", "slice_len", "num_slices"])
+    def _race_kernel(logits_ptr, row_stride, vocab_size, temperatures_ptr, thresholds_ptr, use_thresholds,
+                     keys_ptr, use_keys, base_key, best_ptr, best_token_ptr, slice_len, num_slices,
+                     BLOCK: tl.constexpr):
+        """Program (row, piece): the best score of the row's columns [piece * slice_len, +slice_len)
+        and its first column. Each lane keeps its own running best over the loop; one reduction
+        at the end."""
+        row = tl.program_id(0)
+        piece = tl.program_id(1)
+        temperature = tl.load(temperatures_ptr + row)
+        greedy = temperature == 0.0
+        inv_t = 1.0 / tl.where(greedy, 1.0, temperature)
+        noise_scale = tl.where(greedy, 0.0, 1.0)
+        threshold = tl.where(use_thresholds != 0, tl.load(thresholds_ptr + row * use_thresholds), float("-inf"))
+        key = tl.where(use_keys != 0, tl.load(keys_ptr + row * use_keys).to(tl.int64), base_key + row)
+        row_ptr = logits_ptr + row.to(tl.int64) * row_stride
+        start = piece * slice_len
+        end = tl.minimum(start + slice_len, vocab_size)
+        offsets = tl.arange(0, BLOCK)
+        best = tl.full((BLOCK,), float("-inf"), tl.float32)
+        best_col = tl.zeros((BLOCK,), tl.int32)
+        col = start
+        while col < end:  # a while loop: older Triton interpreters cannot range() over runtime ints
+            # Philox counter col // 4 + i: unique per (row key, column) across the whole row
+            b0, b1, b2, b3 = tl.randint4x(key, col // 4 + offsets)
+            best, best_col = _race_block(row_ptr, col, offsets, end, b0, inv_t, noise_scale, threshold,
+                                         best, best_col)
+            best, best_col = _race_block(row_ptr, col + BLOCK, offsets, end, b1, inv_t, noise_scale, threshold,
+                                         best, best_col)
+            best, best_col = _race_block(row_ptr, col + 2 * BLOCK, offsets, end, b2, inv_t, noise_scale,
+                                         threshold, best, best_col)
+            best, best_col = _race_block(row_ptr, col + 3 * BLOCK, offsets, end, b3, inv_t, noise_scale,
+                                         threshold, best, best_col)
+            col += 4 * BLOCK
+        top = tl.max(best, 0)
+        first = tl.min(tl.where(best == top, best_col, 2147483647), 0)  # first column on ties
+        tl.store(best_ptr + row * num_slices + piece, top)
+        tl.store(best_token_ptr + row * num_slices + piece, first.to(tl.int64))

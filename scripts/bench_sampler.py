@@ -1,0 +1,73 @@
+"""Time the sampler alone on the GPU: one decode step's logits ([num_rows, vocab] bf16) for a
+batch of plain temperature rows, for bench.py's --mixed-sampling mix (greedy, top-k + top-p,
+penalised, min-p rows, with prompts and outputs of bench-like lengths), and for every row with
+Qwen3's generation_config defaults (temperature 0.6, top-k 20, top-p 0.95). Prints milliseconds per
+step (CUDA events; host work included, as the engine pays it) and the top kernels of each.
+
+    python scripts/bench_sampler.py [--rows 256] [--vocab 151936]
+"""
+import argparse
+import random
+import time
+
+import torch
+
+from nanovllm.engine.sequence import Sequence
+from nanovllm.layers.sampler import Sampler, SamplingRows
+from nanovllm.sampling_params import SamplingParams
+
+MIXED = (dict(temperature=0.0), dict(temperature=0.6, top_k=50, top_p=0.9),
+         dict(temperature=0.6, repetition_penalty=1.1, presence_penalty=0.5, frequency_penalty=0.2),
+         dict(temperature=0.6, min_p=0.05))
+
+
+VARIANTS = {"plain": (dict(temperature=0.6),), "mixed": MIXED,
+            "qwen3-defaults": (dict(temperature=0.6, top_k=20, top_p=0.95),)}
+
+
+def make_seqs(rows: int, variant: tuple[dict, ...]) -> list[Sequence]:
+    seqs = []
+    for i in range(rows):
+        params = SamplingParams(ignore_eos=True, max_tokens=2048, **variant[i % len(variant)])
+        seq = Sequence(i, [random.randint(0, 10000) for _ in range(random.randint(100, 1024))], params)
+        for _ in range(random.randint(0, 1024)):
+            seq.append_token(random.randint(0, 10000))
+        seqs.append(seq)
+    return seqs
+
+
+def step(sampler: Sampler, logits: torch.Tensor, temperatures: torch.Tensor, seqs: list[Sequence]):
+    rows = SamplingRows.of(seqs)
+    return sampler(logits, temperatures, rows.build(logits.device) if rows else None).tolist()
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--rows", type=int, default=256)
+    parser.add_argument("--vocab", type=int, default=151936)
+    parser.add_argument("--iters", type=int, default=50)
+    args = parser.parse_args()
+    random.seed(0)
+    sampler = Sampler()
+    logits = torch.randn(args.rows, args.vocab, device="cuda", dtype=torch.bfloat16) * 3
+    for name, variant in VARIANTS.items():
+        seqs = make_seqs(args.rows, variant)
+        temperatures = torch.tensor([s.sampling_params.temperature for s in seqs], device="cuda")
+        for _ in range(5):
+            step(sampler, logits, temperatures, seqs)
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        for _ in range(args.iters):
+            step(sampler, logits, temperatures, seqs)
+        torch.cuda.synchronize()
+        ms = 1000 * (time.perf_counter() - start) / args.iters
+        print(f"{name}: {ms:.3f} ms/step ({args.rows} rows, vocab {args.vocab})")
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+            for _ in range(10):
+                step(sampler, logits, temperatures, seqs)
+            torch.cuda.synchronize()
+        print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=12, max_name_column_width=60))
+
+
+if __name__ == "__main__":
+    main()
