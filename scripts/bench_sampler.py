@@ -41,6 +41,18 @@ def step(sampler: Sampler, logits: torch.Tensor, temperatures: torch.Tensor, seq
     return sampler(logits, temperatures, rows.build(logits.device) if rows else None).tolist()
 
 
+def time_ms(fn, iters: int) -> float:
+    for _ in range(3):
+        fn()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(iters):
+        fn()
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) / iters
+
+
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--rows", type=int, default=256)
@@ -50,6 +62,9 @@ def main():
     random.seed(0)
     sampler = Sampler()
     logits = torch.randn(args.rows, args.vocab, device="cuda", dtype=torch.bfloat16) * 3
+    for rows, k, dtype in ((256, 20, torch.bfloat16), (64, 50, torch.float32)):  # the top-k stage alone
+        x = logits[:rows].to(dtype)
+        print(f"top-{k} of {rows} rows ({dtype}): torch.topk {time_ms(lambda: x.topk(k, -1), args.iters):.3f} ms")
     for name, variant in VARIANTS.items():
         seqs = make_seqs(args.rows, variant)
         temperatures = torch.tensor([s.sampling_params.temperature for s in seqs], device="cuda")
