@@ -38,7 +38,7 @@ def make_seqs(rows: int, variant: tuple[dict, ...]) -> list[Sequence]:
 
 def step(sampler: Sampler, logits: torch.Tensor, temperatures: torch.Tensor, seqs: list[Sequence]):
     rows = SamplingRows.of(seqs)
-    return sampler(logits, temperatures, rows.build(logits.device) if rows else None).tolist()
+    return sampler(logits, temperatures, rows.build() if rows else None).tolist()
 
 
 def time_ms(fn, iters: int) -> float:

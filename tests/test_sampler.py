@@ -40,7 +40,7 @@ def sample(logits: torch.Tensor, seqs: list[Sequence]):
     """What ModelRunner.execute does: the plain path when SamplingRows.of gives None."""
     temperatures = torch.tensor([s.sampling_params.temperature for s in seqs], dtype=torch.float32, device=DEVICE)
     rows = SamplingRows.of(seqs)
-    return sampler(logits.to(DEVICE), temperatures, rows.build(DEVICE) if rows else None)
+    return sampler(logits.to(DEVICE), temperatures, rows.build() if rows else None)
 
 
 def random_logits(rows: int, seed: int = 0, vocab: int = VOCAB) -> torch.Tensor:
@@ -148,7 +148,7 @@ def test_penalties_match_a_direct_computation():
              dict(prompt=[4], output=[4, 4, 11], presence_penalty=-1.0, frequency_penalty=2.0, repetition_penalty=1.0)]
     seqs = [seq(top_k=3)] + [seq(**c) for c in cases]  # an unpenalised row in the same batch
     logits = random_logits(len(seqs), seed=5).to(DEVICE)
-    batch = SamplingBatch.build(seqs, DEVICE)
+    batch = SamplingBatch.build(seqs)
     assert batch.penalty_rows == [1, 2, 3]
     got = logits.clone()
     _apply_penalties_(got, batch.to_device(DEVICE), batch.any_repetition)
@@ -170,7 +170,7 @@ def test_penalties_match_a_direct_computation():
 def test_penalty_token_mirror_follows_new_tokens():
     s = seq(prompt=[1, 2], frequency_penalty=1.0)
     for _ in range(3):
-        tensors = SamplingBatch.build([s], torch.device("cpu")).to_device(torch.device("cpu"))
+        tensors = SamplingBatch.build([s]).to_device(torch.device("cpu"))
         assert tensors.output_token_ids.tolist() == s.completion_token_ids
         assert tensors.output_lens.tolist() == [s.num_completion_tokens] and tensors.penalty_rows.tolist() == [0]
         assert tensors.prompt_token_ids.tolist() == []  # no repetition penalty: the prompt is not needed

@@ -305,7 +305,7 @@ class ModelRunner:
         if self.rank != 0:
             return None
         temperatures = self._tensor(step.temperatures, torch.float32)
-        batch = step.sampling.build(self.device) if step.sampling else None  # overlaps the queued forward
+        batch = step.sampling.build() if step.sampling else None  # host work overlapping the queued forward
         return self.sampler(logits, temperatures, batch).tolist()
 
     def _run_eager(self, step: StepInput) -> torch.Tensor:

@@ -90,8 +90,8 @@ class SamplingRows:
             return None
         return cls(seqs)
 
-    def build(self, device: torch.device) -> "SamplingBatch":
-        return SamplingBatch.build(self.seqs, device)
+    def build(self) -> "SamplingBatch":
+        return SamplingBatch.build(self.seqs)
 
 
 @dataclass
@@ -128,9 +128,9 @@ class SamplingBatch:
     max_logprobs: int = 0  # the largest k asked for by a row of logprob_rows
 
     @classmethod
-    def build(cls, seqs: list[Sequence], device: torch.device) -> "SamplingBatch":
-        """The settings of `seqs` (one per logits row, in row order). Creates
-        `seq.sampling_state` on first use."""
+    def build(cls, seqs: list[Sequence]) -> "SamplingBatch":
+        """The settings of `seqs` (one per logits row, in row order), host only. Creates a
+        penalised sequence's `seq.sampling_state` on first use."""
         batch = cls(num_rows=len(seqs))
         for row, seq in enumerate(seqs):
             p = seq.sampling_params
