@@ -321,8 +321,7 @@ class LLMEngine:
             if hit is None:
                 continue
             seq.stop_reason, cut = hit
-            if cut != -1:
-                detokenizer.output_text = detokenizer.output_text[:cut]
+            detokenizer.output_text = detokenizer.output_text[:cut]
             completion.stopped_by_string = True
             if seq.is_finished:  # by length in this very step: the stop string wins, as in vLLM
                 seq.finish_reason = "stop"

@@ -47,8 +47,8 @@ class IncrementalDetokenizer:
 def check_stop_strings(output_text: str, new_char_count: int, stop: list[str],
                        include_in_output: bool) -> tuple[str, int] | None:
     """(stop string, length to cut `output_text` to) when a stop string ends within the last
-    `new_char_count` characters, else None. The length is -1 when nothing is to be cut (the stop
-    string is kept and ends the text)."""
+    `new_char_count` characters, else None. With `include_in_output` the text is cut just after
+    the stop string (its whole length when the string ends it)."""
     if not new_char_count or not stop:
         return None
     for stop_str in stop:
@@ -56,9 +56,5 @@ def check_stop_strings(output_text: str, new_char_count: int, stop: list[str],
         stop_index = output_text.find(stop_str, 1 - new_char_count - len(stop_str))
         if stop_index == -1:
             continue
-        if include_in_output:
-            stop_index += len(stop_str)
-            if stop_index >= len(output_text):
-                return stop_str, -1
-        return stop_str, stop_index
+        return stop_str, stop_index + len(stop_str) if include_in_output else stop_index
     return None
