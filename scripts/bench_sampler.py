@@ -2,7 +2,8 @@
 batch of plain temperature rows, for bench.py's --mixed-sampling mix (greedy, top-k + top-p,
 penalised, min-p rows, with prompts and outputs of bench-like lengths), and for every row with
 Qwen3's generation_config defaults (temperature 0.6, top-k 20, top-p 0.95). Prints milliseconds per
-step (CUDA events; host work included, as the engine pays it) and the top kernels of each.
+step (wall, host work included; in the engine that host work overlaps the forward), the GPU time
+per step (the sum of its kernels' times) and the top kernels of each.
 
     python scripts/bench_sampler.py [--rows 256] [--vocab 151936]
 """
@@ -14,6 +15,7 @@ import torch
 
 from nanovllm.engine.sequence import Sequence
 from nanovllm.layers.sampler import Sampler, SamplingRows
+from nanovllm.layers.sampling_select import LogitRows
 from nanovllm.sampling_params import SamplingParams
 
 MIXED = (dict(temperature=0.0), dict(temperature=0.6, top_k=50, top_p=0.9),
@@ -62,9 +64,12 @@ def main():
     random.seed(0)
     sampler = Sampler()
     logits = torch.randn(args.rows, args.vocab, device="cuda", dtype=torch.bfloat16) * 3
-    for rows, k, dtype in ((256, 20, torch.bfloat16), (64, 50, torch.float32)):  # the top-k stage alone
-        x = logits[:rows].to(dtype)
-        print(f"top-{k} of {rows} rows ({dtype}): torch.topk {time_ms(lambda: x.topk(k, -1), args.iters):.3f} ms")
+    for rows, k, dtype in ((256, 20, torch.bfloat16), (64, 50, torch.bfloat16), (64, 50, torch.float32)):
+        x = logits[:rows].to(dtype)  # the top-k stage alone: torch.topk against the radix select
+        index, ks, view = torch.arange(rows, device="cuda"), torch.full((rows,), k, device="cuda"), LogitRows(x)
+        print(f"top-{k} of {rows} rows ({dtype}): torch.topk {time_ms(lambda: x.topk(k, -1), args.iters):.3f} ms, "
+              f"select {time_ms(lambda: view.top_k(index, ks, k, False), args.iters):.3f} ms, "
+              f"select + above {time_ms(lambda: view.top_k(index, ks, k, True), args.iters):.3f} ms")
     for name, variant in VARIANTS.items():
         seqs = make_seqs(args.rows, variant)
         temperatures = torch.tensor([s.sampling_params.temperature for s in seqs], device="cuda")
@@ -81,7 +86,10 @@ def main():
             for _ in range(10):
                 step(sampler, logits, temperatures, seqs)
             torch.cuda.synchronize()
-        print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=12, max_name_column_width=60))
+        events = prof.key_averages()
+        gpu_ms = sum(e.self_device_time_total for e in events) / 10 / 1000
+        print(f"{name}: GPU {gpu_ms:.3f} ms/step (sum of kernel times)")
+        print(events.table(sort_by="cuda_time_total", row_limit=12, max_name_column_width=60))
 
 
 if __name__ == "__main__":

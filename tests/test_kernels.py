@@ -1,6 +1,6 @@
-"""Kernels against their torch reference. The Triton kernels (store_kvcache, the sampling race)
-run under Triton's interpreter on the CPU (TRITON_INTERPRET=1 must be set before Triton compiles
-anything, so each check runs in a subprocess); on a GPU they run compiled."""
+"""Kernels against their torch reference. The Triton kernels (store_kvcache, the sampling race and
+selections) run under Triton's interpreter on the CPU (TRITON_INTERPRET=1 must be set before Triton
+compiles anything, so each check runs in a subprocess); on a GPU they run compiled."""
 import os
 import subprocess
 import sys
@@ -85,6 +85,43 @@ RACE_CHECK = textwrap.dedent("""
 """)
 
 
+# The selections behind top-k and min-p (Triton) against torch on the same rows: the k-th largest
+# logit, its count and the logits above it, the row maximum, and the draw reading patched rows,
+# for bf16 and float32 rows, patched float32 rows among bf16 ones, ties at the k-th value and -inf
+# entries. Small blocks, so that rows span several slices (and k may exceed the lanes: torch's path).
+SELECT_CHECK = textwrap.dedent("""
+    import torch
+    from nanovllm.layers import sampling_select
+    from nanovllm.layers.sampling_select import LogitRows
+    device, vocab = "{device}", {vocab}
+    sampling_select.SELECT_BLOCK, sampling_select.SELECT_LANES, sampling_select.LANE_BLOCK = {block}, {lanes}, {lane_block}
+    g = torch.Generator().manual_seed(0)
+    for dtype in (torch.bfloat16, torch.float32):
+        main = (torch.randn(6, vocab, generator=g) * 4).to(dtype)
+        main[1, :40] = main[1, 0]               # a 40-way tie
+        main[2, 5:9] = float("-inf")
+        main = main.to(device)
+        patched_rows = torch.tensor([1, 4], device=device)
+        patched = main[patched_rows].float() + torch.randn(2, vocab, generator=g).to(device) / 1000
+        patched[0, :40] = 3.0                   # ties among the float32 values too
+        patched_index = torch.tensor([-1, 0, -1, -1, 1, -1], device=device)
+        for args in ((main,), (main, patched, patched_rows, patched_index)):
+            fast, slow = LogitRows(*args, triton_kernels=True), LogitRows(*args, triton_kernels=False)
+            index = torch.tensor([0, 1, 2, 4, 5], device=device)
+            for ks in ([1, 20, 45, 3, 64], [7, 40, 41, 1, 2], [5, 3, 1, vocab, 60]):  # vocab > lanes: torch
+                ks = torch.tensor(ks, device=device)
+                a, b = fast.top_k(index, ks, int(ks.max()), True), slow.top_k(index, ks, int(ks.max()), True)
+                assert torch.equal(a.kth, b.kth), (dtype, ks, a.kth, b.kth)
+                assert torch.equal(a.num_kth, b.num_kth), (dtype, ks, a.num_kth, b.num_kth)
+                assert torch.equal(a.greater.sort(-1).values, b.greater.sort(-1).values), (dtype, ks)
+            assert torch.equal(fast.top_k(index, ks, int(ks.max()), False).kth, a.kth)
+            assert torch.equal(fast.row_max(index), slow.row_max(index))
+            greedy = torch.zeros(6, device=device)
+            assert torch.equal(fast.draw(greedy, None, 1, None), slow.draw(greedy, None, 1, None))
+    print("select ok")
+""")
+
+
 def test_store_kvcache_torch_skips_padding():
     k, v = torch.randn(3, 2, 4), torch.randn(3, 2, 4)
     k_cache, v_cache = torch.zeros(2, 2, 2, 4), torch.zeros(2, 2, 2, 4)
@@ -116,6 +153,24 @@ def test_sampling_race_triton_interpreter():
                             capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "race ok" in result.stdout
+
+
+def test_sampling_select_triton_interpreter():
+    pytest.importorskip("triton")
+    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=ROOT)
+    result = subprocess.run([sys.executable, "-c", SELECT_CHECK.format(device="cpu", block=16, lanes=64, lane_block=16, vocab=300)],
+                            env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "select ok" in result.stdout
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("vocab", [300, 151936])
+def test_sampling_select_triton_gpu(vocab):
+    from nanovllm.layers.sampling_select import LANE_BLOCK, SELECT_BLOCK, SELECT_LANES
+    exec(SELECT_CHECK.format(device="cuda", block=SELECT_BLOCK, lanes=SELECT_LANES, lane_block=LANE_BLOCK,
+                             vocab=vocab), {})
 
 
 @pytest.mark.gpu

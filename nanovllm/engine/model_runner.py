@@ -105,7 +105,7 @@ class ModelRunner:
                     module.use_compiled()
         self.sampler = Sampler(config.seed)
         if self.rank == 0:
-            self.sampler.warm_up(hf_config.vocab_size, (config.torch_dtype, torch.float32), self.device)
+            self.sampler.warm_up(hf_config.vocab_size, config.torch_dtype, self.device)
         self.attention_layers = [m for m in self.model.modules() if isinstance(m, Attention)]
         self.num_kv_heads = self.attention_layers[0].num_kv_heads
         self.head_dim = self.attention_layers[0].head_dim

@@ -3,25 +3,26 @@
 One pass over the [num_rows, vocab_size] logits of a step, in vLLM's order:
   1. logprobs, for the rows that ask: log_softmax of the RAW logits, as vLLM 0.8.5 (V1) reports
      them, i.e. before penalties, min_tokens masking, temperature and top-k/top-p/min-p.
-  2. penalties, sparse: only the logits of tokens in a penalised row's prompt or output change.
+  2. penalties, sparse, on float32 copies of the penalised rows only ("patched" rows; the others
+     stay as the model gave them): only the logits of tokens in a row's prompt or output change.
      Repetition (prompt or output tokens: positive logits divided by it, negative multiplied),
      then frequency (times the token's count in the output) and presence (once, if in the output)
      subtracted. Each (row, token) pair's new value is computed from the original logit and
      written back; duplicate pairs write equal values, so no deduplication is needed.
   3. min_tokens: a row still short of its min_tokens gets its stop ids (EOS unless ignore_eos,
-     stop_token_ids) set to -inf.
+     stop_token_ids) set to -inf (in its patched copy).
   4. top-k, top-p and min-p as one keep threshold per row on the logits (probabilities are
-     those after temperature): a row with top-k keeps its k largest logits and, with top-p too,
-     the most likely of those up to top_p (one torch.topk of the batch's largest k, no sort);
-     min-p keeps logits >= the row's largest + temperature * log(min_p) (p >= min_p * p_max). A
-     row with top-p alone needs its vocabulary sorted, as in vLLM: only such rows are.
+     those after temperature): a row with top-k keeps the logits >= its k-th largest and, with
+     top-p too, the most likely of those up to top_p (a radix select on the GPU, no sort, then
+     top-p over the few logits above the k-th); min-p keeps logits >= the row's largest +
+     temperature * log(min_p) (p >= min_p * p_max). A row with top-p alone needs its vocabulary
+     sorted, as in vLLM: only such rows are. (`sampling_select`)
   5. the draw (`sampling_race`): temperature, the threshold and Gumbel-max in one pass over the
      logits (one Triton kernel on the GPU); greedy rows (temperature 0) take the argmax. A
      seeded request's noise is keyed by its seed and its number of drawn tokens, so its tokens
      depend on its seed and its logits only, never on the batch it shares.
 Each stage reads only the rows that ask for it; a step whose rows all use temperature alone (no
-`SamplingBatch`) runs step 5 and nothing else, on the logits as the model gave them (no float32
-copy). Which stages run is decided on the host, so nothing syncs with the device before the
+`SamplingBatch`) runs step 5 and nothing else, on the logits as the model gave them. Which stages run is decided on the host, so nothing syncs with the device before the
 results are copied back (one copy per result kind).
 
 `SamplingRows` carries a step's sequences from `ModelRunner.prepare` to the sampler (rank 0 only;
@@ -40,7 +41,8 @@ import torch
 from torch import nn
 
 from nanovllm.engine.sequence import Sequence
-from nanovllm.layers.sampling_race import draw_key, race_torch, race_triton, triton
+from nanovllm.layers.sampling_race import draw_key, triton
+from nanovllm.layers.sampling_select import LogitRows, TopK
 
 
 class _SequenceState:
@@ -111,16 +113,19 @@ class SamplingBatch:
     top_ps: list[float] = field(default_factory=list)
     min_p_rows: list[int] = field(default_factory=list)
     log_min_ps: list[float] = field(default_factory=list)
-    # penalties; token ids of penalised row i: output_token_ids[i], prompt_token_ids[i] (empty
+    # rows that penalties or min_tokens change: the sampler copies these (and only these) to
+    # float32; the stages below that change rows name them by slot (index into patched_rows)
+    patched_rows: list[int] = field(default_factory=list)
+    # penalties; token ids of penalised slot i: output_token_ids[i], prompt_token_ids[i] (empty
     # without a repetition penalty)
-    penalty_rows: list[int] = field(default_factory=list)
+    penalty_slots: list[int] = field(default_factory=list)
     presence_penalties: list[float] = field(default_factory=list)
     frequency_penalties: list[float] = field(default_factory=list)
     repetition_penalties: list[float] = field(default_factory=list)
     output_token_ids: list[np.ndarray] = field(default_factory=list)
     prompt_token_ids: list[np.ndarray] = field(default_factory=list)
-    # min_tokens: (row, token id) pairs to mask
-    suppressed_rows: list[int] = field(default_factory=list)
+    # min_tokens: (slot, token id) pairs to mask
+    suppressed_slots: list[int] = field(default_factory=list)
     suppressed_ids: list[int] = field(default_factory=list)
     seeded_rows: list[int] = field(default_factory=list)
     seeded_keys: list[int] = field(default_factory=list)  # draw_key of each seeded row's next token
@@ -149,18 +154,23 @@ class SamplingBatch:
             if seq.seed is not None:
                 batch.seeded_rows.append(row)
                 batch.seeded_keys.append(draw_key(seq.seed, seq.num_completion_tokens))
-            if p.presence_penalty or p.frequency_penalty or p.repetition_penalty != 1:
+            penalised = bool(p.presence_penalty or p.frequency_penalty or p.repetition_penalty != 1)
+            suppressing = seq.num_completion_tokens < p.min_tokens and bool(seq.all_stop_token_ids)
+            slot = len(batch.patched_rows)
+            if penalised or suppressing:
+                batch.patched_rows.append(row)
+            if penalised:
                 if seq.sampling_state is None:
                     seq.sampling_state = _SequenceState()
                 token_ids = seq.sampling_state.token_ids(seq)
-                batch.penalty_rows.append(row)
+                batch.penalty_slots.append(slot)
                 batch.presence_penalties.append(p.presence_penalty)
                 batch.frequency_penalties.append(p.frequency_penalty)
                 batch.repetition_penalties.append(p.repetition_penalty)
                 batch.output_token_ids.append(token_ids[seq.num_prompt_tokens:])
                 batch.prompt_token_ids.append(token_ids[:seq.num_prompt_tokens if p.repetition_penalty != 1 else 0])
-            if seq.num_completion_tokens < p.min_tokens and seq.all_stop_token_ids:
-                batch.suppressed_rows.extend([row] * len(seq.all_stop_token_ids))
+            if suppressing:
+                batch.suppressed_slots.extend([slot] * len(seq.all_stop_token_ids))
                 batch.suppressed_ids.extend(seq.all_stop_token_ids)
             if p.logprobs is not None:
                 batch.logprob_rows.append(row)
@@ -175,21 +185,31 @@ class SamplingBatch:
     def any_threshold(self) -> bool:
         return bool(self.top_k_rows or self.top_p_rows or self.min_p_rows)
 
+    @property
+    def any_top_k_top_p(self) -> bool:
+        return any(p != math.inf for p in self.top_k_top_ps)
+
     def to_device(self, device: torch.device, base_key: int = 0) -> "SamplingTensors":
         """Upload the lists: one copy of all ints, one of all floats. The penalties' token ids
-        travel once each; which row a token belongs to is rebuilt on the device from the lengths.
-        With seeded rows, `keys` holds every row's noise key (`base_key + row` for the others)."""
+        travel once each; which slot a token belongs to is rebuilt on the device from the lengths.
+        With seeded rows, `keys` holds every row's noise key (`base_key + row` for the others);
+        with patched rows, `patched_index` every row's slot (-1: not patched)."""
         output_lens = [len(a) for a in self.output_token_ids]
         prompt_lens = [len(a) for a in self.prompt_token_ids]
-        int_lists = [self.top_k_rows, self.top_ks, self.top_p_rows, self.min_p_rows, self.suppressed_rows,
-                     self.suppressed_ids, self.logprob_rows, self.penalty_rows, output_lens, prompt_lens]
+        int_lists = [self.top_k_rows, self.top_ks, self.top_p_rows, self.min_p_rows, self.patched_rows,
+                     self.suppressed_slots, self.suppressed_ids, self.logprob_rows, self.penalty_slots,
+                     output_lens, prompt_lens]
         ints = [np.asarray(x, np.int64) for x in int_lists]
         keys = np.empty(0, np.int64)
         if self.seeded_rows:
             keys = np.arange(base_key, base_key + self.num_rows, dtype=np.int64)
             keys[self.seeded_rows] = self.seeded_keys
-        ints += [keys, *self.output_token_ids, *self.prompt_token_ids]
-        sizes = [len(x) for x in int_lists] + [len(keys), sum(output_lens), sum(prompt_lens)]
+        patched_index = np.empty(0, np.int64)
+        if self.patched_rows:
+            patched_index = np.full(self.num_rows, -1, np.int64)
+            patched_index[self.patched_rows] = np.arange(len(self.patched_rows))
+        ints += [keys, patched_index, *self.output_token_ids, *self.prompt_token_ids]
+        sizes = [len(x) for x in int_lists] + [len(keys), len(patched_index), sum(output_lens), sum(prompt_lens)]
         floats = [self.top_k_top_ps, self.top_ps, self.log_min_ps, self.presence_penalties,
                   self.frequency_penalties, self.repetition_penalties]
         int_parts = _upload(torch.from_numpy(np.concatenate(ints)), device).split(sizes)
@@ -210,13 +230,15 @@ class SamplingTensors(NamedTuple):
     top_ks: torch.Tensor
     top_p_rows: torch.Tensor
     min_p_rows: torch.Tensor
-    suppressed_rows: torch.Tensor
+    patched_rows: torch.Tensor
+    suppressed_slots: torch.Tensor
     suppressed_ids: torch.Tensor
     logprob_rows: torch.Tensor
-    penalty_rows: torch.Tensor
-    output_lens: torch.Tensor            # per penalised row: its number of output tokens
+    penalty_slots: torch.Tensor
+    output_lens: torch.Tensor            # per penalised slot: its number of output tokens
     prompt_lens: torch.Tensor            # ... of prompt tokens (0 without a repetition penalty)
     keys: torch.Tensor                   # [num_rows] noise keys; empty without seeded rows
+    patched_index: torch.Tensor          # [num_rows] slot of each row, -1: unpatched; empty without
     output_token_ids: torch.Tensor       # the penalised rows' output tokens, one row after another
     prompt_token_ids: torch.Tensor       # likewise their prompt tokens
     top_k_top_ps: torch.Tensor
@@ -268,33 +290,37 @@ class Sampler(nn.Module):
         super().__init__()
         self._rng = random.Random(seed)
 
-    def warm_up(self, vocab_size: int, dtypes: tuple[torch.dtype, ...], device: torch.device):
-        """Compile the GPU draw for logits of each of `dtypes` now (the model's dtype; float32 for
-        penalised batches), so that no request waits for Triton's compiler."""
+    def warm_up(self, vocab_size: int, dtype: torch.dtype, device: torch.device):
+        """Compile the GPU kernels (the draw, top-k, row max) for logits of `dtype` now, plain and
+        with a patched row, so that no request waits for Triton's compiler."""
         if device.type == "cuda" and triton is not None:
-            for dtype in dtypes:
-                race_triton(torch.zeros(1, vocab_size, dtype=dtype, device=device),
-                            torch.ones(1, device=device), None, 1 << 61)
+            logits = torch.zeros(2, vocab_size, dtype=dtype, device=device)
+            first = torch.zeros(1, dtype=torch.int64, device=device)
+            rows = LogitRows(logits, logits[:1].float(), first, torch.tensor([0, -1], device=device))
+            rows.top_k(first, first + 1, 1, with_greater=True)
+            rows.row_max(first)
+            rows.draw(torch.ones(2, device=device), torch.zeros(2, device=device), 1 << 61, None)
 
     def forward(self, logits: torch.Tensor, temperatures: torch.Tensor,
                 batch: SamplingBatch | None = None) -> SamplerOutput:
         """logits: [num_rows, vocab_size] (left unmodified); temperatures: [num_rows] float32 on
         the same device; batch: the rows' other settings, None when they use temperature alone."""
         base_key = (1 << 61) | self._rng.getrandbits(60)  # this step's noise: keys base_key + row
-        race = race_triton if logits.is_cuda and triton is not None else race_torch
         if batch is None:  # plain temperature sampling
-            return SamplerOutput(race(logits, temperatures, None, base_key))
+            return SamplerOutput(LogitRows(logits).draw(temperatures, None, base_key, None))
 
         t = batch.to_device(logits.device, base_key)
         raw_logprobs = torch.log_softmax(logits[t.logprob_rows].float(), -1) if batch.logprob_rows else None
-        if batch.penalty_rows or batch.suppressed_rows:
-            logits = logits.to(torch.float32, copy=True)  # [num_rows, vocab_size], modified in place
-            if batch.penalty_rows:
-                _apply_penalties_(logits, t, batch.any_repetition)
-            if batch.suppressed_rows:
-                logits[t.suppressed_rows, t.suppressed_ids] = float("-inf")
-        thresholds = _thresholds(logits, temperatures, batch, t) if batch.any_threshold else None
-        tokens = race(logits, temperatures, thresholds, base_key, t.keys if batch.seeded_rows else None)
+        rows = LogitRows(logits)
+        if batch.patched_rows:  # float32 copies of the rows that change, changed in place
+            patched = logits.index_select(0, t.patched_rows).float()  # [num_patched, vocab_size]
+            if batch.penalty_slots:
+                _apply_penalties_(patched, t, batch.any_repetition)
+            if batch.suppressed_slots:
+                patched[t.suppressed_slots, t.suppressed_ids] = float("-inf")
+            rows = LogitRows(logits, patched, t.patched_rows, t.patched_index)
+        thresholds = _thresholds(rows, temperatures, batch, t) if batch.any_threshold else None
+        tokens = rows.draw(temperatures, thresholds, base_key, t.keys if batch.seeded_rows else None)
 
         if raw_logprobs is None:
             return SamplerOutput(tokens)
@@ -308,49 +334,46 @@ class Sampler(nn.Module):
         return SamplerOutput(tokens, batch.logprob_rows, ids, values, ranks)
 
 
-def _thresholds(logits: torch.Tensor, temperatures: torch.Tensor, batch: SamplingBatch,
+def _thresholds(rows: LogitRows, temperatures: torch.Tensor, batch: SamplingBatch,
                 t: SamplingTensors) -> torch.Tensor:
     """[num_rows] float32: the smallest logit each row keeps (-inf: all); for top-k and top-p
-    exactly the logit of the last token kept. Selections and sorts run in the logits' own dtype
-    (bf16 halves their work) and only their results are widened: values stay exact."""
-    thresholds = torch.full((batch.num_rows,), float("-inf"), device=logits.device)
+    exactly the logit of the last token kept, so that the draw's "logit >= threshold" is exact."""
+    thresholds = torch.full((batch.num_rows,), float("-inf"), device=temperatures.device)
     divisors = torch.where(temperatures == 0, 1.0, temperatures)  # [num_rows]
-
-    def rows_of(rows: list[int], index: torch.Tensor) -> torch.Tensor:  # no copy when it is every row
-        return logits if len(rows) == batch.num_rows else logits[index]
-
     if batch.top_k_rows:
-        thresholds[t.top_k_rows] = _top_k_top_p_threshold(rows_of(batch.top_k_rows, t.top_k_rows),
-                                                          divisors[t.top_k_rows], t.top_ks, t.top_k_top_ps,
-                                                          max(batch.top_ks))
+        vocab_size = rows.vocab_size
+        top = rows.top_k(t.top_k_rows, t.top_ks.clamp(max=vocab_size), min(max(batch.top_ks), vocab_size),
+                         with_greater=batch.any_top_k_top_p)
+        thresholds[t.top_k_rows] = top.kth if top.greater is None else _top_p_of_top_k(
+            top, divisors[t.top_k_rows], t.top_k_top_ps)
     if batch.top_p_rows:  # top-p without top-k: a sort of just these rows
-        thresholds[t.top_p_rows] = _top_p_threshold(rows_of(batch.top_p_rows, t.top_p_rows),
+        thresholds[t.top_p_rows] = _top_p_threshold(rows.rows(t.top_p_rows, len(batch.top_p_rows) == batch.num_rows),
                                                     divisors[t.top_p_rows], t.top_ps)
     if batch.min_p_rows:  # p < min_p * p_max  <=>  logit / T < max logit / T + log(min_p)
-        row_max = rows_of(batch.min_p_rows, t.min_p_rows).amax(-1).float()
-        thresholds[t.min_p_rows] = torch.maximum(thresholds[t.min_p_rows],
-                                                 row_max + divisors[t.min_p_rows] * t.log_min_ps)
+        thresholds[t.min_p_rows] = torch.maximum(thresholds[t.min_p_rows], rows.row_max(t.min_p_rows)
+                                                 + divisors[t.min_p_rows] * t.log_min_ps)
     return thresholds
 
 
 def _apply_penalties_(logits: torch.Tensor, t: SamplingTensors, any_repetition: bool):
-    """vLLM's penalties, in place and sparse: only the (row, token) pairs of the penalised rows'
-    prompt and output tokens are read and written."""
+    """vLLM's penalties, in place and sparse on `logits` ([num_patched, vocab_size] float32, the
+    patched rows): only the (slot, token) pairs of the penalised slots' prompt and output tokens
+    are read and written."""
     flat, vocab_size = logits.view(-1), logits.shape[1]
-    num_penalised = len(t.penalty_rows)
-    # per output token: its penalised row (index into penalty_rows); output_size: no device sync
+    num_penalised = len(t.penalty_slots)
+    # per output token: its penalised slot (index into penalty_slots); output_size: no device sync
     penalised = torch.arange(num_penalised, device=logits.device).repeat_interleave(
         t.output_lens, output_size=len(t.output_token_ids))
     # occurrences of each output token in its row: [num_penalised * vocab_size], read at the pairs
     keys = penalised * vocab_size + t.output_token_ids
     counts = torch.zeros(num_penalised * vocab_size, dtype=torch.int32, device=logits.device)
     counts.scatter_add_(0, keys, torch.ones_like(keys, dtype=torch.int32))
-    output_index = t.penalty_rows[penalised] * vocab_size + t.output_token_ids
+    output_index = t.penalty_slots[penalised] * vocab_size + t.output_token_ids
     values = flat[output_index]  # original logits of the output pairs, read before any write
     if any_repetition:
         prompt_penalised = torch.arange(num_penalised, device=logits.device).repeat_interleave(
             t.prompt_lens, output_size=len(t.prompt_token_ids))
-        prompt_index = t.penalty_rows[prompt_penalised] * vocab_size + t.prompt_token_ids
+        prompt_index = t.penalty_slots[prompt_penalised] * vocab_size + t.prompt_token_ids
         flat[prompt_index] = _repetition(flat[prompt_index], t.repetition_penalties[prompt_penalised])
         values = _repetition(values, t.repetition_penalties[penalised])
     values -= t.frequency_penalties[penalised] * counts[keys] + t.presence_penalties[penalised]
@@ -361,19 +384,19 @@ def _repetition(values: torch.Tensor, penalties: torch.Tensor) -> torch.Tensor:
     return torch.where(values > 0, values / penalties, values * penalties)
 
 
-def _top_k_top_p_threshold(logits: torch.Tensor, divisors: torch.Tensor, top_ks: torch.Tensor,
-                           top_ps: torch.Tensor, max_top_k: int) -> torch.Tensor:
-    """[num_rows]: the smallest logit each row keeps under top-k, then top-p among the top-k,
-    as vLLM: the k largest logits (ties with the k-th kept), then of those the most likely ones
-    until the mass of the larger ones reaches top_p (probabilities renormalised over the top-k;
-    top_p inf: all k). One torch.topk of the largest k: no sort of the vocabulary."""
-    max_k = min(max_top_k, logits.shape[1])
-    values = logits.topk(max_k, -1).values.float()  # [num_rows, max_k], descending
-    in_top_k = torch.arange(max_k, device=logits.device) < top_ks.unsqueeze(1)
-    values = values.masked_fill(~in_top_k, float("-inf"))
-    probs = (values / divisors.unsqueeze(1)).softmax(-1)  # after temperature
-    keep = in_top_k & (probs.cumsum(-1) - probs < top_ps.unsqueeze(1))  # mass of the larger ones < top_p
-    return values.gather(1, keep.sum(-1, keepdim=True).clamp(min=1) - 1).squeeze(1)
+def _top_p_of_top_k(top: TopK, divisors: torch.Tensor, top_ps: torch.Tensor) -> torch.Tensor:
+    """[num_rows]: the smallest logit each row keeps under top-k, then top-p among the top-k, as
+    vLLM: the logits >= the k-th largest (ties kept), then of those the most likely ones while
+    the mass of the larger ones is below top_p (probabilities after temperature, renormalised
+    over the top-k, ties at the k-th largest counted `num_kth` times; top_p inf: all)."""
+    greater = top.greater.sort(-1, descending=True).values  # [num_rows, max_k], -inf padding last
+    values = torch.cat([greater, top.kth.unsqueeze(1)], 1)  # descending but for the padding
+    weights = torch.cat([torch.ones_like(greater), top.num_kth.unsqueeze(1).float()], 1)
+    scaled = values / divisors.unsqueeze(1)
+    mass = weights * torch.exp(scaled - scaled.amax(-1, keepdim=True))  # padding: 0
+    larger = mass.cumsum(-1) - mass  # mass of the larger logits
+    keep = (larger < top_ps.unsqueeze(1) * mass.sum(-1, keepdim=True)) & (values > float("-inf"))
+    return torch.where(keep, values, float("inf")).amin(-1)
 
 
 def _top_p_threshold(logits: torch.Tensor, divisors: torch.Tensor, top_ps: torch.Tensor) -> torch.Tensor:

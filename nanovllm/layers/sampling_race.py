@@ -26,7 +26,7 @@ except ImportError:  # CPU-only installs without Triton use race_torch
 
 MASK64 = (1 << 64) - 1
 MAX_KEY = (1 << 62) - 1  # keys stay below 2**63 even after adding a row index
-RACE_BLOCK = 1024        # columns per sub-block; one Philox call yields noise for 4 sub-blocks
+RACE_BLOCK = 512         # columns per sub-block; one Philox call yields noise for 4 sub-blocks
 RACE_TARGET_PROGRAMS = 2048  # rows * slices aimed at, to fill every SM
 
 
@@ -55,22 +55,32 @@ def race_torch(logits: torch.Tensor, temperatures: torch.Tensor, thresholds: tor
     return torch.where(greedy, scaled.argmax(-1), sampled)
 
 
-def race_triton(logits: torch.Tensor, temperatures: torch.Tensor, thresholds: torch.Tensor | None,
-                base_key: int, keys: torch.Tensor | None = None, block: int = RACE_BLOCK) -> torch.Tensor:
-    """race_torch's contract, in one Triton pass (CUDA, or CPU under TRITON_INTERPRET=1);
-    `block`: columns per sub-block (a power of two)."""
-    num_rows, vocab_size = logits.shape
-    assert logits.stride(1) == 1
-    step = 4 * block
-    num_slices = min(triton.cdiv(vocab_size, step), max(1, triton.cdiv(RACE_TARGET_PROGRAMS, num_rows)))
+def slices_of(num_rows: int, vocab_size: int, step: int, target_programs: int) -> tuple[int, int]:
+    """(slice_len, num_slices): each row split into slices of a multiple of `step` columns, so that
+    num_rows * num_slices comes near `target_programs` (one Triton program per slice)."""
+    num_slices = min(triton.cdiv(vocab_size, step), max(1, triton.cdiv(target_programs, num_rows)))
     slice_len = triton.cdiv(triton.cdiv(vocab_size, num_slices), step) * step
-    num_slices = triton.cdiv(vocab_size, slice_len)
+    return slice_len, triton.cdiv(vocab_size, slice_len)
+
+
+def race_triton(logits: torch.Tensor, temperatures: torch.Tensor, thresholds: torch.Tensor | None,
+                base_key: int, keys: torch.Tensor | None = None, block: int = RACE_BLOCK,
+                patched: torch.Tensor | None = None, patched_index: torch.Tensor | None = None) -> torch.Tensor:
+    """race_torch's contract, in one Triton pass (CUDA, or CPU under TRITON_INTERPRET=1);
+    `block`: columns per sub-block (a power of two). Rows the sampler changed may live apart:
+    row r is read from `patched[patched_index[r]]` ([num_patched, vocab_size] float32; index
+    int64, -1: from `logits`) when `patched` is given."""
+    num_rows, vocab_size = logits.shape
+    assert logits.stride(1) == 1 and (patched is None or patched.is_contiguous())
+    slice_len, num_slices = slices_of(num_rows, vocab_size, 4 * block, RACE_TARGET_PROGRAMS)
     best = torch.empty(num_rows, num_slices, dtype=torch.float32, device=logits.device)
     best_token = torch.empty(num_rows, num_slices, dtype=torch.int64, device=logits.device)
+    # unused pointers get any tensor of the right dtype: the flags keep the kernel from reading them
     _race_kernel[(num_rows, num_slices)](
-        logits, logits.stride(0), vocab_size, temperatures,
+        logits, logits.stride(0), best if patched is None else patched,
+        best_token if patched is None else patched_index, int(patched is not None), vocab_size, temperatures,
         temperatures if thresholds is None else thresholds, int(thresholds is not None),
-        best_token if keys is None else keys, int(keys is not None),  # best_token: any valid pointer
+        best_token if keys is None else keys, int(keys is not None),
         base_key, best, best_token, slice_len, num_slices, BLOCK=block)
     winner = best.argmax(1, keepdim=True)  # first slice holding the maximum: first index on ties
     return best_token.gather(1, winner).squeeze(1)
@@ -79,22 +89,58 @@ def race_triton(logits: torch.Tensor, temperatures: torch.Tensor, thresholds: to
 if triton is not None:
 
     @triton.jit
-    def _race_block(row_ptr, first, offsets, end, bits, inv_t, noise_scale, threshold, best, best_col):
-        """Fold the columns first + offsets into each lane's running (best score, its column)."""
-        cols = first + offsets
+    def _race_block(row_ptr, cols, end, bits, inv_t, greedy, threshold, best, best_col):
+        """Fold the columns `cols` into each lane's running (best score, its column)."""
         logit = tl.load(row_ptr + cols, mask=cols < end, other=float("-inf")).to(tl.float32)
-        u = ((bits >> 8).to(tl.float32) + 0.5) * (1.0 / 16777216.0)  # 24 bits: u in (0, 1), never 0 or 1
-        score = logit * inv_t - tl.log(-tl.log(u)) * noise_scale  # + Gumbel(0, 1); greedy rows add nothing
+        if greedy:
+            score = logit
+        else:  # + Gumbel(0, 1) from 24 random bits: u in (0, 1), never 0 or 1
+            u = ((bits >> 8).to(tl.float32) + 0.5) * (1.0 / 16777216.0)
+            score = logit * inv_t - tl.log(-tl.log(u))
         better = (score > best) & (logit >= threshold)  # strict: a lane's earlier column keeps a tie
         return tl.where(better, score, best), tl.where(better, cols, best_col)
 
-    # Only the logits' dtype and the model's vocabulary size pick a compiled variant: the flags and
-    # the batch-dependent sizes are runtime values (Triton would otherwise specialise integers
-    # equal to 1 or divisible by 16), so a new batch size or sampling mix never compiles mid-run.
-    @triton.jit(do_not_specialize=["use_thresholds", "use_keys", "base_key", "slice_len", "num_slices"])
-    def _race_kernel(logits_ptr, row_stride, vocab_size, temperatures_ptr, thresholds_ptr, use_thresholds,
-                     keys_ptr, use_keys, base_key, best_ptr, best_token_ptr, slice_len, num_slices,
-                     BLOCK: tl.constexpr):
+    @triton.jit
+    def _race_slice(row_ptr, start, end, key, inv_t, greedy, threshold, BLOCK: tl.constexpr):
+        """Each lane's best (score, column) over the columns [start, end) of one row, 4 * BLOCK
+        columns per iteration. Noise is made only where it can matter: not for greedy rows, and
+        not where every column falls below the threshold (most of a top-k or min-p row)."""
+        offsets = tl.arange(0, BLOCK)
+        best = tl.full((BLOCK,), float("-inf"), tl.float32)
+        best_col = tl.zeros((BLOCK,), tl.int32)
+        no_bits = tl.zeros((BLOCK,), tl.uint32)
+        col = start
+        while col < end:  # a while loop: older Triton interpreters cannot range() over runtime ints
+            c0, c1, c2, c3 = col + offsets, col + BLOCK + offsets, col + 2 * BLOCK + offsets, col + 3 * BLOCK + offsets
+            live = threshold == threshold  # true
+            if threshold > float("-inf"):  # a first look (the loads below then hit the cache)
+                x = tl.maximum(tl.maximum(tl.load(row_ptr + c0, mask=c0 < end, other=float("-inf")),
+                                          tl.load(row_ptr + c1, mask=c1 < end, other=float("-inf"))),
+                               tl.maximum(tl.load(row_ptr + c2, mask=c2 < end, other=float("-inf")),
+                                          tl.load(row_ptr + c3, mask=c3 < end, other=float("-inf"))))
+                live = tl.max(x.to(tl.float32), 0) >= threshold
+            if live:
+                if greedy:  # no noise
+                    b0, b1, b2, b3 = no_bits, no_bits, no_bits, no_bits
+                else:  # Philox counter col // 4 + i: unique per (row key, column) in the row
+                    b0, b1, b2, b3 = tl.randint4x(key, col // 4 + offsets)
+                best, best_col = _race_block(row_ptr, c0, end, b0, inv_t, greedy, threshold, best, best_col)
+                best, best_col = _race_block(row_ptr, c1, end, b1, inv_t, greedy, threshold, best, best_col)
+                best, best_col = _race_block(row_ptr, c2, end, b2, inv_t, greedy, threshold, best, best_col)
+                best, best_col = _race_block(row_ptr, c3, end, b3, inv_t, greedy, threshold, best, best_col)
+            col += 4 * BLOCK
+        return best, best_col
+
+    # Only the logits' dtype and the model's vocabulary size pick a compiled variant: the flags, the
+    # batch-dependent sizes and the small per-row tensors (often views at any offset of one upload)
+    # are runtime values (Triton would otherwise specialise integers equal to 1 or divisible by 16
+    # and pointers aligned to 16 bytes), so a new batch size or sampling mix never compiles mid-run.
+    @triton.jit(do_not_specialize=["patched_index_ptr", "use_patched", "temperatures_ptr", "thresholds_ptr",
+                                   "use_thresholds", "keys_ptr", "use_keys", "base_key", "slice_len",
+                                   "num_slices"])
+    def _race_kernel(logits_ptr, row_stride, patched_ptr, patched_index_ptr, use_patched, vocab_size,
+                     temperatures_ptr, thresholds_ptr, use_thresholds, keys_ptr, use_keys, base_key,
+                     best_ptr, best_token_ptr, slice_len, num_slices, BLOCK: tl.constexpr):
         """Program (row, piece): the best score of the row's columns [piece * slice_len, +slice_len)
         and its first column. Each lane keeps its own running best over the loop; one reduction
         at the end."""
@@ -103,28 +149,17 @@ if triton is not None:
         temperature = tl.load(temperatures_ptr + row)
         greedy = temperature == 0.0
         inv_t = 1.0 / tl.where(greedy, 1.0, temperature)
-        noise_scale = tl.where(greedy, 0.0, 1.0)
         threshold = tl.where(use_thresholds != 0, tl.load(thresholds_ptr + row * use_thresholds), float("-inf"))
         key = tl.where(use_keys != 0, tl.load(keys_ptr + row * use_keys).to(tl.int64), base_key + row)
-        row_ptr = logits_ptr + row.to(tl.int64) * row_stride
+        patched_row = tl.where(use_patched != 0, tl.load(patched_index_ptr + row * use_patched), -1)
         start = piece * slice_len
         end = tl.minimum(start + slice_len, vocab_size)
-        offsets = tl.arange(0, BLOCK)
-        best = tl.full((BLOCK,), float("-inf"), tl.float32)
-        best_col = tl.zeros((BLOCK,), tl.int32)
-        col = start
-        while col < end:  # a while loop: older Triton interpreters cannot range() over runtime ints
-            # Philox counter col // 4 + i: unique per (row key, column) across the whole row
-            b0, b1, b2, b3 = tl.randint4x(key, col // 4 + offsets)
-            best, best_col = _race_block(row_ptr, col, offsets, end, b0, inv_t, noise_scale, threshold,
-                                         best, best_col)
-            best, best_col = _race_block(row_ptr, col + BLOCK, offsets, end, b1, inv_t, noise_scale, threshold,
-                                         best, best_col)
-            best, best_col = _race_block(row_ptr, col + 2 * BLOCK, offsets, end, b2, inv_t, noise_scale,
-                                         threshold, best, best_col)
-            best, best_col = _race_block(row_ptr, col + 3 * BLOCK, offsets, end, b3, inv_t, noise_scale,
-                                         threshold, best, best_col)
-            col += 4 * BLOCK
+        if patched_row >= 0:
+            best, best_col = _race_slice(patched_ptr + patched_row * vocab_size, start, end, key, inv_t, greedy,
+                                         threshold, BLOCK)
+        else:
+            best, best_col = _race_slice(logits_ptr + row.to(tl.int64) * row_stride, start, end, key, inv_t, greedy,
+                                         threshold, BLOCK)
         top = tl.max(best, 0)
         first = tl.min(tl.where(best == top, best_col, 2147483647), 0)  # first column on ties
         tl.store(best_ptr + row * num_slices + piece, top)
