@@ -86,9 +86,10 @@ RACE_CHECK = textwrap.dedent("""
 
 
 # The selections behind top-k and min-p (Triton) against torch on the same rows: the k-th largest
-# logit, its count and the logits above it, the row maximum, and the draw reading patched rows,
-# for bf16 and float32 rows, patched float32 rows among bf16 ones, ties at the k-th value and -inf
-# entries. Small blocks, so that rows span several slices (and k may exceed the lanes: torch's path).
+# logit, its count and the logits above it, the row maximum and the draw reading patched rows, for
+# bf16 and float32 rows, patched float32 rows among bf16 ones, ties at the k-th value and -inf
+# entries; small blocks, so that rows span several slices (and k may exceed the lanes: torch's
+# path). Then the penalty kernel against the sampler's torch penalties.
 SELECT_CHECK = textwrap.dedent("""
     import torch
     from nanovllm.layers import sampling_select
@@ -118,6 +119,28 @@ SELECT_CHECK = textwrap.dedent("""
             assert torch.equal(fast.row_max(index), slow.row_max(index))
             greedy = torch.zeros(6, device=device)
             assert torch.equal(fast.draw(greedy, None, 1, None), slow.draw(greedy, None, 1, None))
+
+    # the penalty kernel against the sampler's torch path
+    from nanovllm.engine.sequence import Sequence
+    from nanovllm.layers.sampler import SamplingBatch, _apply_penalties_
+    from nanovllm.layers.sampling_select import penalize_triton
+    from nanovllm.sampling_params import SamplingParams
+    seqs = []
+    for i, params in enumerate([dict(repetition_penalty=1.7, presence_penalty=0.5, frequency_penalty=0.25), dict(),
+                                dict(frequency_penalty=-1.5, min_tokens=9), dict(repetition_penalty=0.6)]):
+        seqs.append(Sequence(i, [1, 2, 3, 3, 40 + i] * 70, SamplingParams(**params), all_stop_token_ids={{7}}))
+        for token in [3, 5, 5, 5, 9, 1] * 60:
+            seqs[-1].append_token(token)
+    batch = SamplingBatch.build(seqs)
+    t, t_cpu = batch.to_device(torch.device(device)), batch.to_device(torch.device("cpu"))
+    main = (torch.randn(4, vocab, generator=g) * 4).to(device, torch.bfloat16)
+    expected = main.cpu()[t_cpu.patched_rows].float()
+    got = sampling_select.float_rows(main, t.patched_rows, triton_kernels=True)
+    assert torch.equal(got.cpu(), expected)
+    _apply_penalties_(expected, t_cpu, batch.any_repetition)  # torch's path
+    penalize_triton(got, main, t.patched_rows, t.penalty_slots, t.output_starts, t.output_token_ids, t.prompt_starts,
+                    t.prompt_token_ids, t.presence_penalties, t.frequency_penalties, t.repetition_penalties)
+    torch.testing.assert_close(got.cpu(), expected, rtol=1e-6, atol=1e-5)
     print("select ok")
 """)
 

@@ -152,7 +152,7 @@ def test_penalties_match_a_direct_computation():
     assert batch.patched_rows == [1, 2, 3] and batch.penalty_slots == [0, 1, 2]
     t = batch.to_device(DEVICE)
     got = logits[t.patched_rows].float()  # the sampler's float32 copies of the patched rows
-    _apply_penalties_(got, t, batch.any_repetition)
+    _apply_penalties_(got, t, batch.any_repetition, logits)
     logits, got = logits.cpu(), got.cpu()
     for i, c in enumerate(cases):
         expected = _penalised_reference(logits[i + 1], c["prompt"], c["output"], c["presence_penalty"],
@@ -172,7 +172,7 @@ def test_penalty_token_mirror_follows_new_tokens():
     for _ in range(3):
         tensors = SamplingBatch.build([s]).to_device(torch.device("cpu"))
         assert tensors.output_token_ids.tolist() == s.completion_token_ids
-        assert tensors.output_lens.tolist() == [s.num_completion_tokens] and tensors.penalty_slots.tolist() == [0]
+        assert tensors.output_starts.tolist() == [0, s.num_completion_tokens] and tensors.penalty_slots.tolist() == [0]
         assert tensors.prompt_token_ids.tolist() == []  # no repetition penalty: the prompt is not needed
         s.append_token(7)
     assert s.completion_token_ids == [7, 7, 7]

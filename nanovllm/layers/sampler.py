@@ -42,7 +42,7 @@ from torch import nn
 
 from nanovllm.engine.sequence import Sequence
 from nanovllm.layers.sampling_race import draw_key, triton
-from nanovllm.layers.sampling_select import LogitRows, TopK
+from nanovllm.layers.sampling_select import LogitRows, TopK, float_rows, penalize_triton
 
 
 class _SequenceState:
@@ -191,14 +191,14 @@ class SamplingBatch:
 
     def to_device(self, device: torch.device, base_key: int = 0) -> "SamplingTensors":
         """Upload the lists: one copy of all ints, one of all floats. The penalties' token ids
-        travel once each; which slot a token belongs to is rebuilt on the device from the lengths.
+        travel once each, with where each slot's tokens start.
         With seeded rows, `keys` holds every row's noise key (`base_key + row` for the others);
         with patched rows, `patched_index` every row's slot (-1: not patched)."""
-        output_lens = [len(a) for a in self.output_token_ids]
-        prompt_lens = [len(a) for a in self.prompt_token_ids]
+        output_starts = np.cumsum([0] + [len(a) for a in self.output_token_ids])
+        prompt_starts = np.cumsum([0] + [len(a) for a in self.prompt_token_ids])
         int_lists = [self.top_k_rows, self.top_ks, self.top_p_rows, self.min_p_rows, self.patched_rows,
                      self.suppressed_slots, self.suppressed_ids, self.logprob_rows, self.penalty_slots,
-                     output_lens, prompt_lens]
+                     output_starts, prompt_starts]
         ints = [np.asarray(x, np.int64) for x in int_lists]
         keys = np.empty(0, np.int64)
         if self.seeded_rows:
@@ -209,7 +209,7 @@ class SamplingBatch:
             patched_index = np.full(self.num_rows, -1, np.int64)
             patched_index[self.patched_rows] = np.arange(len(self.patched_rows))
         ints += [keys, patched_index, *self.output_token_ids, *self.prompt_token_ids]
-        sizes = [len(x) for x in int_lists] + [len(keys), len(patched_index), sum(output_lens), sum(prompt_lens)]
+        sizes = [len(x) for x in int_lists] + [len(keys), len(patched_index), output_starts[-1], prompt_starts[-1]]
         floats = [self.top_k_top_ps, self.top_ps, self.log_min_ps, self.presence_penalties,
                   self.frequency_penalties, self.repetition_penalties]
         int_parts = _upload(torch.from_numpy(np.concatenate(ints)), device).split(sizes)
@@ -235,8 +235,9 @@ class SamplingTensors(NamedTuple):
     suppressed_ids: torch.Tensor
     logprob_rows: torch.Tensor
     penalty_slots: torch.Tensor
-    output_lens: torch.Tensor            # per penalised slot: its number of output tokens
-    prompt_lens: torch.Tensor            # ... of prompt tokens (0 without a repetition penalty)
+    output_starts: torch.Tensor          # [num_penalised + 1]: penalised slot i's output tokens are
+    prompt_starts: torch.Tensor          # output_token_ids[starts[i]:starts[i + 1]]; likewise prompt
+                                         # tokens (none without a repetition penalty)
     keys: torch.Tensor                   # [num_rows] noise keys; empty without seeded rows
     patched_index: torch.Tensor          # [num_rows] slot of each row, -1: unpatched; empty without
     output_token_ids: torch.Tensor       # the penalised rows' output tokens, one row after another
@@ -313,9 +314,9 @@ class Sampler(nn.Module):
         raw_logprobs = torch.log_softmax(logits[t.logprob_rows].float(), -1) if batch.logprob_rows else None
         rows = LogitRows(logits)
         if batch.patched_rows:  # float32 copies of the rows that change, changed in place
-            patched = logits.index_select(0, t.patched_rows).float()  # [num_patched, vocab_size]
+            patched = float_rows(logits, t.patched_rows)  # [num_patched, vocab_size]
             if batch.penalty_slots:
-                _apply_penalties_(patched, t, batch.any_repetition)
+                _apply_penalties_(patched, t, batch.any_repetition, logits)
             if batch.suppressed_slots:
                 patched[t.suppressed_slots, t.suppressed_ids] = float("-inf")
             rows = LogitRows(logits, patched, t.patched_rows, t.patched_index)
@@ -355,29 +356,30 @@ def _thresholds(rows: LogitRows, temperatures: torch.Tensor, batch: SamplingBatc
     return thresholds
 
 
-def _apply_penalties_(logits: torch.Tensor, t: SamplingTensors, any_repetition: bool):
-    """vLLM's penalties, in place and sparse on `logits` ([num_patched, vocab_size] float32, the
-    patched rows): only the (slot, token) pairs of the penalised slots' prompt and output tokens
-    are read and written."""
-    flat, vocab_size = logits.view(-1), logits.shape[1]
-    num_penalised = len(t.penalty_slots)
-    # per output token: its penalised slot (index into penalty_slots); output_size: no device sync
-    penalised = torch.arange(num_penalised, device=logits.device).repeat_interleave(
-        t.output_lens, output_size=len(t.output_token_ids))
-    # occurrences of each output token in its row: [num_penalised * vocab_size], read at the pairs
-    keys = penalised * vocab_size + t.output_token_ids
-    counts = torch.zeros(num_penalised * vocab_size, dtype=torch.int32, device=logits.device)
-    counts.scatter_add_(0, keys, torch.ones_like(keys, dtype=torch.int32))
-    output_index = t.penalty_slots[penalised] * vocab_size + t.output_token_ids
+def _apply_penalties_(patched: torch.Tensor, t: SamplingTensors, any_repetition: bool,
+                      logits: torch.Tensor | None = None):
+    """vLLM's penalties, in place and sparse on `patched` ([num_patched, vocab_size] float32, the
+    patched rows as copied from `logits`): only the penalised slots' prompt and output tokens are
+    read and written. Repetition, then presence, from each token's original logit (a token in
+    both the prompt and the output gets both); then the frequency penalty subtracted once per
+    occurrence. With Triton on CUDA one kernel does it all, reading the originals from `logits`
+    (the model's rows; needed there)."""
+    if patched.is_cuda and triton is not None:
+        return penalize_triton(patched, logits, t.patched_rows, t.penalty_slots, t.output_starts, t.output_token_ids,
+                               t.prompt_starts, t.prompt_token_ids, t.presence_penalties, t.frequency_penalties,
+                               t.repetition_penalties)
+    flat, vocab_size = patched.view(-1), patched.shape[1]
+    slots = torch.arange(len(t.penalty_slots), device=patched.device)  # per output / prompt token: its slot
+    output_slot = slots.repeat_interleave(t.output_starts.diff(), output_size=len(t.output_token_ids))
+    output_index = t.penalty_slots[output_slot] * vocab_size + t.output_token_ids
     values = flat[output_index]  # original logits of the output pairs, read before any write
     if any_repetition:
-        prompt_penalised = torch.arange(num_penalised, device=logits.device).repeat_interleave(
-            t.prompt_lens, output_size=len(t.prompt_token_ids))
-        prompt_index = t.penalty_slots[prompt_penalised] * vocab_size + t.prompt_token_ids
-        flat[prompt_index] = _repetition(flat[prompt_index], t.repetition_penalties[prompt_penalised])
-        values = _repetition(values, t.repetition_penalties[penalised])
-    values -= t.frequency_penalties[penalised] * counts[keys] + t.presence_penalties[penalised]
-    flat[output_index] = values  # after the prompt pairs: a token in both gets all penalties
+        prompt_slot = slots.repeat_interleave(t.prompt_starts.diff(), output_size=len(t.prompt_token_ids))
+        prompt_index = t.penalty_slots[prompt_slot] * vocab_size + t.prompt_token_ids
+        flat[prompt_index] = _repetition(flat[prompt_index], t.repetition_penalties[prompt_slot])
+        values = _repetition(values, t.repetition_penalties[output_slot])
+    flat[output_index] = values - t.presence_penalties[output_slot]  # equal pairs write equal values
+    flat.index_put_((output_index,), -t.frequency_penalties[output_slot], accumulate=True)
 
 
 def _repetition(values: torch.Tensor, penalties: torch.Tensor) -> torch.Tensor:

@@ -226,3 +226,93 @@ if triton is not None:
             num_at_bound = _collect_slice(main_ptr + row * row_stride, start, end, bound, out_ptr,
                                           counters_ptr + selected, capacity, BLOCK)
         tl.atomic_add(counters_ptr + tl.num_programs(0) + selected, num_at_bound)
+
+
+PENALTY_BLOCK = 256  # token ids per loop iteration of the penalty kernel
+
+
+def float_rows(logits: torch.Tensor, rows: torch.Tensor, triton_kernels: bool | None = None) -> torch.Tensor:
+    """[len(rows), vocab_size] float32 copies of logits[rows] (one Triton pass on CUDA;
+    `triton_kernels` as in LogitRows)."""
+    if not (logits.is_cuda and triton is not None if triton_kernels is None else triton_kernels):
+        return logits.index_select(0, rows).float()
+    out = torch.empty(len(rows), logits.shape[1], dtype=torch.float32, device=logits.device)
+    slice_len, num_slices = slices_of(len(rows), logits.shape[1], SELECT_BLOCK, SELECT_TARGET_PROGRAMS)
+    _float_rows_kernel[(len(rows), num_slices)](logits, logits.stride(0), rows, out, logits.shape[1], slice_len,
+                                                BLOCK=SELECT_BLOCK)
+    return out
+
+
+def penalize_triton(patched: torch.Tensor, logits: torch.Tensor, patched_rows: torch.Tensor, slots: torch.Tensor,
+                    output_starts: torch.Tensor, output_token_ids: torch.Tensor, prompt_starts: torch.Tensor,
+                    prompt_token_ids: torch.Tensor, presence: torch.Tensor, frequency: torch.Tensor,
+                    repetition: torch.Tensor):
+    """The sampler's `_apply_penalties_` as one Triton kernel, one program per penalised slot
+    (`slots`: into `patched`, whose row s is a copy of logits[patched_rows[s]])."""
+    if len(slots):
+        _penalty_kernel[(len(slots),)](patched, logits, logits.stride(0), patched_rows, slots, output_starts,
+                                       output_token_ids, prompt_starts, prompt_token_ids, presence, frequency,
+                                       repetition, patched.shape[1], BLOCK=PENALTY_BLOCK)
+
+
+if triton is not None:
+
+    @triton.jit
+    def _repeated(x, penalty):
+        """The repetition penalty: positive logits divided by it, negative ones multiplied (as torch
+        rounds them: IEEE division)."""
+        return tl.where(x > 0, tl.math.div_rn(x, tl.zeros_like(x) + penalty), x * penalty)
+
+    @triton.jit(do_not_specialize=["patched_rows_ptr", "slots_ptr", "output_starts_ptr", "output_ids_ptr",
+                                   "prompt_starts_ptr", "prompt_ids_ptr", "presence_ptr", "frequency_ptr",
+                                   "repetition_ptr"])
+    def _penalty_kernel(patched_ptr, logits_ptr, row_stride, patched_rows_ptr, slots_ptr, output_starts_ptr,
+                        output_ids_ptr, prompt_starts_ptr, prompt_ids_ptr, presence_ptr, frequency_ptr,
+                        repetition_ptr, vocab_size, BLOCK: tl.constexpr):
+        """Program i: penalised slot i. Writes to one token from different threads are ordered by
+        barriers: prompt tokens, then output tokens (a token in both ends with both penalties),
+        then the frequency penalty, one atomic subtraction per occurrence."""
+        i = tl.program_id(0)
+        slot = tl.load(slots_ptr + i)
+        out_ptr = patched_ptr + slot * vocab_size
+        in_ptr = logits_ptr + tl.load(patched_rows_ptr + slot) * row_stride  # the original logits
+        repetition = tl.load(repetition_ptr + i)
+        presence = tl.load(presence_ptr + i)
+        frequency = tl.load(frequency_ptr + i)
+        offsets = tl.arange(0, BLOCK)
+        start, end = tl.load(prompt_starts_ptr + i), tl.load(prompt_starts_ptr + i + 1)
+        while start < end:
+            tokens = tl.load(prompt_ids_ptr + start + offsets, mask=start + offsets < end, other=0)
+            x = tl.load(in_ptr + tokens, mask=start + offsets < end, other=0.0).to(tl.float32)
+            tl.store(out_ptr + tokens, _repeated(x, repetition), mask=start + offsets < end)
+            start += BLOCK
+        tl.debug_barrier()
+        first, end = tl.load(output_starts_ptr + i), tl.load(output_starts_ptr + i + 1)
+        start = first
+        while start < end:
+            tokens = tl.load(output_ids_ptr + start + offsets, mask=start + offsets < end, other=0)
+            x = tl.load(in_ptr + tokens, mask=start + offsets < end, other=0.0).to(tl.float32)
+            tl.store(out_ptr + tokens, _repeated(x, repetition) - presence, mask=start + offsets < end)
+            start += BLOCK
+        tl.debug_barrier()
+        if frequency != 0.0:
+            start = first
+            while start < end:
+                tokens = tl.load(output_ids_ptr + start + offsets, mask=start + offsets < end, other=0)
+                tl.atomic_add(out_ptr + tokens, tl.zeros((BLOCK,), tl.float32) - frequency, mask=start + offsets < end)
+                start += BLOCK
+
+    @triton.jit(do_not_specialize=["rows_ptr", "slice_len"])
+    def _float_rows_kernel(logits_ptr, row_stride, rows_ptr, out_ptr, vocab_size, slice_len, BLOCK: tl.constexpr):
+        """Program (i, piece): out[i] = logits[rows[i]] over the piece's columns, as float32."""
+        i = tl.program_id(0)
+        start = tl.program_id(1) * slice_len
+        end = tl.minimum(start + slice_len, vocab_size)
+        in_ptr = logits_ptr + tl.load(rows_ptr + i) * row_stride
+        out_ptr += i.to(tl.int64) * vocab_size
+        offsets = tl.arange(0, BLOCK)
+        col = start
+        while col < end:
+            cols = col + offsets
+            tl.store(out_ptr + cols, tl.load(in_ptr + cols, mask=cols < end).to(tl.float32), mask=cols < end)
+            col += BLOCK
