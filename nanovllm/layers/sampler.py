@@ -292,8 +292,8 @@ class Sampler(nn.Module):
         self._rng = random.Random(seed)
 
     def warm_up(self, vocab_size: int, dtype: torch.dtype, device: torch.device):
-        """Compile the GPU kernels (the draw, top-k, row max) for logits of `dtype` now, plain and
-        with a patched row, so that no request waits for Triton's compiler."""
+        """Compile the GPU kernels (the draw, top-k, row max, the patched copies and penalties) for
+        logits of `dtype` now, so that no request waits for Triton's compiler."""
         if device.type == "cuda" and triton is not None:
             logits = torch.zeros(2, vocab_size, dtype=dtype, device=device)
             first = torch.zeros(1, dtype=torch.int64, device=device)
@@ -301,6 +301,9 @@ class Sampler(nn.Module):
             rows.top_k(first, first + 1, 1, with_greater=True)
             rows.row_max(first)
             rows.draw(torch.ones(2, device=device), torch.zeros(2, device=device), 1 << 61, None)
+            patched = float_rows(logits, first)
+            empty, one = torch.zeros(2, dtype=torch.int64, device=device), torch.ones(1, device=device)
+            penalize_triton(patched, logits, first, first, empty, empty, empty, empty, one, one, one)
 
     def forward(self, logits: torch.Tensor, temperatures: torch.Tensor,
                 batch: SamplingBatch | None = None) -> SamplerOutput:

@@ -17,6 +17,9 @@ few logits above it (only k - 1 lanes hold any, which bounds their number) and c
 to it; torch.topk of the collected values then gives the exact k-th largest. Elsewhere (CPU),
 or for a larger k, the patched rows are merged into a float32 copy and torch.topk selects from the
 whole rows: both give the same values.
+
+`float_rows` makes the patched copies and `penalize_triton` applies the penalties to them (one
+program per penalised row), the CUDA side of the sampler's torch code.
 """
 from typing import NamedTuple
 
