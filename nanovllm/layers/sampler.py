@@ -5,10 +5,10 @@ One pass over the [num_rows, vocab_size] logits of a step, in vLLM's order:
      them, i.e. before penalties, min_tokens masking, temperature and top-k/top-p/min-p.
   2. penalties, sparse, on float32 copies of the penalised rows only ("patched" rows; the others
      stay as the model gave them): only the logits of tokens in a row's prompt or output change.
-     Repetition (prompt or output tokens: positive logits divided by it, negative multiplied),
-     then frequency (times the token's count in the output) and presence (once, if in the output)
-     subtracted. Each (row, token) pair's new value is computed from the original logit and
-     written back; duplicate pairs write equal values, so no deduplication is needed.
+     Repetition (prompt or output tokens: positive logits divided by it, negative multiplied)
+     and presence (once, if in the output) are computed from the original logit and written back
+     (duplicate pairs write equal values, so no deduplication is needed); then frequency is
+     subtracted once per occurrence in the output (no per-token counts).
   3. min_tokens: a row still short of its min_tokens gets its stop ids (EOS unless ignore_eos,
      stop_token_ids) set to -inf (in its patched copy).
   4. top-k, top-p and min-p as one keep threshold per row on the logits (probabilities are
