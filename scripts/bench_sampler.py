@@ -8,6 +8,7 @@ per step (the sum of its kernels' times) and the top kernels of each.
     python scripts/bench_sampler.py [--rows 256] [--vocab 151936]
 """
 import argparse
+import math
 import random
 import time
 
@@ -60,17 +61,27 @@ def main():
     parser.add_argument("--rows", type=int, default=256)
     parser.add_argument("--vocab", type=int, default=151936)
     parser.add_argument("--iters", type=int, default=50)
+    parser.add_argument("--kernels", type=int, default=12, help="kernels listed per variant")
+    parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
     args = parser.parse_args()
     random.seed(0)
     sampler = Sampler()
     logits = torch.randn(args.rows, args.vocab, device="cuda", dtype=torch.bfloat16) * 3
-    for rows, k, dtype in ((256, 20, torch.bfloat16), (64, 50, torch.bfloat16), (64, 50, torch.float32)):
-        x = logits[:rows].to(dtype)  # the top-k stage alone: torch.topk against the radix select
-        index, ks, view = torch.arange(rows, device="cuda"), torch.full((rows,), k, device="cuda"), LogitRows(x)
-        print(f"top-{k} of {rows} rows ({dtype}): torch.topk {time_ms(lambda: x.topk(k, -1), args.iters):.3f} ms, "
-              f"select {time_ms(lambda: view.top_k(index, ks, k, False), args.iters):.3f} ms, "
-              f"select + above {time_ms(lambda: view.top_k(index, ks, k, True), args.iters):.3f} ms")
-    for name, variant in VARIANTS.items():
+    inf = float("inf")
+    for rows, k, top_p in ((args.rows, 20, 0.95), (args.rows // 4, 50, 0.9), (args.rows // 4, 0, inf)):
+        x = LogitRows(logits[:rows])  # the threshold stage alone: top-k + top-p (k = 0: min-p 0.05)
+        index, temperatures = torch.arange(rows, device="cuda"), torch.full((rows,), 0.6, device="cuda")
+        ks, top_ps = torch.full((rows,), k, device="cuda"), torch.full((rows,), top_p, device="cuda")
+        log_min_ps = torch.full((rows,), -inf if k else math.log(0.05), device="cuda")
+        thresholds = torch.full((rows,), -inf, device="cuda")
+        args_ = (thresholds, index, ks, top_ps, log_min_ps, temperatures, k)
+        x.triton_kernels = False
+        slow = time_ms(lambda: x.keep_thresholds_(*args_), args.iters)
+        x.triton_kernels = True
+        print(f"thresholds of {rows} rows, top-k {k}, top-p {top_p}: torch {slow:.3f} ms, "
+              f"kernels {time_ms(lambda: x.keep_thresholds_(*args_), args.iters):.3f} ms")
+    for name in args.variants:
+        variant = VARIANTS[name]
         seqs = make_seqs(args.rows, variant)
         temperatures = torch.tensor([s.sampling_params.temperature for s in seqs], device="cuda")
         for _ in range(5):
@@ -89,7 +100,9 @@ def main():
         events = prof.key_averages()
         gpu_ms = sum(e.self_device_time_total for e in events) / 10 / 1000
         print(f"{name}: GPU {gpu_ms:.3f} ms/step (sum of kernel times)")
-        print(events.table(sort_by="cuda_time_total", row_limit=12, max_name_column_width=60))
+        kernels = sorted((e for e in events if e.self_device_time_total > 0), key=lambda e: -e.self_device_time_total)
+        for e in kernels[:args.kernels]:
+            print(f"  {e.self_device_time_total / 10:8.1f} us/step {e.count / 10:4.1f} calls  {e.key[:70]}")
 
 
 if __name__ == "__main__":

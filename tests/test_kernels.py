@@ -91,6 +91,7 @@ RACE_CHECK = textwrap.dedent("""
 # entries; small blocks, so that rows span several slices (and k may exceed the lanes: torch's
 # path). Then the penalty kernel against the sampler's torch penalties.
 SELECT_CHECK = textwrap.dedent("""
+    import math
     import torch
     from nanovllm.layers import sampling_select
     from nanovllm.layers.sampling_select import LogitRows
@@ -109,14 +110,27 @@ SELECT_CHECK = textwrap.dedent("""
         for args in ((main,), (main, patched, patched_rows, patched_index)):
             fast, slow = LogitRows(*args, triton_kernels=True), LogitRows(*args, triton_kernels=False)
             index = torch.tensor([0, 1, 2, 4, 5], device=device)
-            for ks in ([1, 20, 45, 3, 64], [7, 40, 41, 1, 2], [5, 3, 1, vocab, 60]):  # vocab > lanes: torch
-                ks = torch.tensor(ks, device=device)
-                a, b = fast.top_k(index, ks, int(ks.max()), True), slow.top_k(index, ks, int(ks.max()), True)
-                assert torch.equal(a.kth, b.kth), (dtype, ks, a.kth, b.kth)
-                assert torch.equal(a.num_kth, b.num_kth), (dtype, ks, a.num_kth, b.num_kth)
-                assert torch.equal(a.greater.sort(-1).values, b.greater.sort(-1).values), (dtype, ks)
-            assert torch.equal(fast.top_k(index, ks, int(ks.max()), False).kth, a.kth)
-            assert torch.equal(fast.row_max(index), slow.row_max(index))
+            temperatures = torch.tensor([0.7, 0.0, 1.3, 1.0, 0.5, 2.0], device=device)
+            inf = float("inf")
+            for ks, top_ps, min_ps in (([1, 20, 45, 3, 64], [inf, 0.9, 0.5, inf, 0.99], [0, 0, 0.1, 0, 0]),
+                                       ([7, 40, 41, 0, 2], [0.3, inf, 0.95, inf, 0.6], [0, 0.05, 0, 0.2, 0]),
+                                       ([0, 0, 0, 0, 0], [inf] * 5, [0.1, 0.3, 0.01, 0.5, 0.9]),
+                                       ([5, 3, 1, vocab, 60], [0.8, inf, 0.5, 0.9, inf], [0] * 5),  # k > lanes
+                                       ([vocab + 5, 2, 9, 1, 4], [0.9, 0.2, inf, 0.5, inf], [0] * 5)):
+                ks_t = torch.tensor(ks, device=device)
+                top_ps_t = torch.tensor(top_ps, device=device)
+                log_min_ps = torch.tensor([math.log(p) if p else -inf for p in min_ps], device=device)
+                start = torch.full((6,), -inf, device=device)
+                start[2], start[3] = -1.0, 0.5          # a selected row with a threshold already, an unselected one
+                b = start.clone()
+                slow.keep_thresholds_(b, index, ks_t, top_ps_t, log_min_ps, temperatures, max(ks))
+                exact = torch.tensor([p == 0 for p in min_ps[:3]] + [True] + [p == 0 for p in min_ps[3:]])
+                for collected_block in (4, 256):  # most rows' collected logits in blocks, or in one
+                    sampling_select.COLLECTED_BLOCK = collected_block
+                    a = start.clone()
+                    fast.keep_thresholds_(a, index, ks_t, top_ps_t, log_min_ps, temperatures, max(ks))
+                    assert torch.equal(a[exact.to(device)], b[exact.to(device)]), (dtype, ks, top_ps, a, b)
+                    torch.testing.assert_close(a, b, rtol=1e-6, atol=0)  # min-p: a multiply-add, maybe fused
             greedy = torch.zeros(6, device=device)
             assert torch.equal(fast.draw(greedy, None, 1, None), slow.draw(greedy, None, 1, None))
 

@@ -13,23 +13,25 @@ One pass over the [num_rows, vocab_size] logits of a step, in vLLM's order:
      stop_token_ids) set to -inf (in its patched copy).
   4. top-k, top-p and min-p as one keep threshold per row on the logits (probabilities are
      those after temperature): a row with top-k keeps the logits >= its k-th largest and, with
-     top-p too, the most likely of those up to top_p (a radix select on the GPU, no sort, then
-     top-p over the few logits above the k-th); min-p keeps logits >= the row's largest +
-     temperature * log(min_p) (p >= min_p * p_max). A row with top-p alone needs its vocabulary
-     sorted, as in vLLM: only such rows are. (`sampling_select`)
+     top-p too, the most likely of those up to top_p; min-p keeps logits >= the row's largest +
+     temperature * log(min_p) (p >= min_p * p_max). On the GPU four Triton kernels compute the
+     thresholds of every such row, without sorting (`sampling_select`). A row with top-p alone
+     needs its vocabulary sorted, as in vLLM: only such rows are.
   5. the draw (`sampling_race`): temperature, the threshold and Gumbel-max in one pass over the
      logits (one Triton kernel on the GPU); greedy rows (temperature 0) take the argmax. A
      seeded request's noise is keyed by its seed and its number of drawn tokens, so its tokens
      depend on its seed and its logits only, never on the batch it shares.
 Each stage reads only the rows that ask for it; a step whose rows all use temperature alone (no
-`SamplingBatch`) runs step 5 and nothing else, on the logits as the model gave them. Which stages run is decided on the host, so nothing syncs with the device before the
-results are copied back (one copy per result kind).
+`SamplingBatch`) runs step 5 and nothing else, on the logits as the model gave them. Which stages
+run is decided on the host, so nothing syncs with the device before the results are copied back
+(one copy per result kind).
 
 `SamplingRows` carries a step's sequences from `ModelRunner.prepare` to the sampler (rank 0 only;
 it pickles to None); `SamplingBatch.build` then collects their settings as host lists, once the
 forward is queued so that this host work overlaps the GPU's, and `to_device` uploads them as one
-int and one float tensor. Per-sequence state (`seq.sampling_state`: a numpy mirror of a
-penalised request's token ids, grown by the new tokens only) lives on the Sequence.
+int and one float tensor, on a stream of their own so that the copies overlap the forward.
+Per-sequence state (`seq.sampling_state`: a numpy mirror of a penalised request's token ids,
+grown by the new tokens only) lives on the Sequence.
 """
 import math
 import random
@@ -42,7 +44,7 @@ from torch import nn
 
 from nanovllm.engine.sequence import Sequence
 from nanovllm.layers.sampling_race import draw_key, triton
-from nanovllm.layers.sampling_select import LogitRows, TopK, float_rows, penalize_triton
+from nanovllm.layers.sampling_select import LogitRows, float_rows, penalize_triton
 
 
 class _SequenceState:
@@ -104,15 +106,15 @@ class SamplingBatch:
     same order; a stage with no rows does not run.
     """
     num_rows: int
-    # top-k, with top-p among the top-k
-    top_k_rows: list[int] = field(default_factory=list)
-    top_ks: list[int] = field(default_factory=list)
+    # rows with top-k (top-p among the top-k) or min-p: their thresholds come from one selection
+    threshold_rows: list[int] = field(default_factory=list)
+    top_ks: list[int] = field(default_factory=list)          # 0: no top-k
     top_k_top_ps: list[float] = field(default_factory=list)  # inf: no top-p
+    log_min_ps: list[float] = field(default_factory=list)    # -inf: no min-p
+    max_top_k: int = 0
     # top-p without top-k: these rows are sorted
     top_p_rows: list[int] = field(default_factory=list)
     top_ps: list[float] = field(default_factory=list)
-    min_p_rows: list[int] = field(default_factory=list)
-    log_min_ps: list[float] = field(default_factory=list)
     # rows that penalties or min_tokens change: the sampler copies these (and only these) to
     # float32; the stages below that change rows name them by slot (index into patched_rows)
     patched_rows: list[int] = field(default_factory=list)
@@ -141,16 +143,15 @@ class SamplingBatch:
             p = seq.sampling_params
             if p.temperature_only:
                 continue
-            if p.top_k > 0:
-                batch.top_k_rows.append(row)
-                batch.top_ks.append(p.top_k)
-                batch.top_k_top_ps.append(p.top_p if p.top_p < 1 else math.inf)
-            elif p.top_p < 1:
+            if p.top_k > 0 or p.min_p > 0:
+                batch.threshold_rows.append(row)
+                batch.top_ks.append(max(p.top_k, 0))
+                batch.top_k_top_ps.append(p.top_p if p.top_k > 0 and p.top_p < 1 else math.inf)
+                batch.log_min_ps.append(math.log(p.min_p) if p.min_p > 0 else -math.inf)
+                batch.max_top_k = max(batch.max_top_k, p.top_k)
+            if p.top_k <= 0 and p.top_p < 1:
                 batch.top_p_rows.append(row)
                 batch.top_ps.append(p.top_p)
-            if p.min_p > 0:
-                batch.min_p_rows.append(row)
-                batch.log_min_ps.append(math.log(p.min_p))
             if seq.seed is not None:
                 batch.seeded_rows.append(row)
                 batch.seeded_keys.append(draw_key(seq.seed, seq.num_completion_tokens))
@@ -183,11 +184,7 @@ class SamplingBatch:
 
     @property
     def any_threshold(self) -> bool:
-        return bool(self.top_k_rows or self.top_p_rows or self.min_p_rows)
-
-    @property
-    def any_top_k_top_p(self) -> bool:
-        return any(p != math.inf for p in self.top_k_top_ps)
+        return bool(self.threshold_rows or self.top_p_rows)
 
     def to_device(self, device: torch.device, base_key: int = 0) -> "SamplingTensors":
         """Upload the lists: one copy of all ints, one of all floats. The penalties' token ids
@@ -196,7 +193,7 @@ class SamplingBatch:
         with patched rows, `patched_index` every row's slot (-1: not patched)."""
         output_starts = np.cumsum([0] + [len(a) for a in self.output_token_ids])
         prompt_starts = np.cumsum([0] + [len(a) for a in self.prompt_token_ids])
-        int_lists = [self.top_k_rows, self.top_ks, self.top_p_rows, self.min_p_rows, self.patched_rows,
+        int_lists = [self.threshold_rows, self.top_ks, self.top_p_rows, self.patched_rows,
                      self.suppressed_slots, self.suppressed_ids, self.logprob_rows, self.penalty_slots,
                      output_starts, prompt_starts]
         ints = [np.asarray(x, np.int64) for x in int_lists]
@@ -210,7 +207,7 @@ class SamplingBatch:
             patched_index[self.patched_rows] = np.arange(len(self.patched_rows))
         ints += [keys, patched_index, *self.output_token_ids, *self.prompt_token_ids]
         sizes = [len(x) for x in int_lists] + [len(keys), len(patched_index), output_starts[-1], prompt_starts[-1]]
-        floats = [self.top_k_top_ps, self.top_ps, self.log_min_ps, self.presence_penalties,
+        floats = [self.top_k_top_ps, self.log_min_ps, self.top_ps, self.presence_penalties,
                   self.frequency_penalties, self.repetition_penalties]
         int_parts = _upload(torch.from_numpy(np.concatenate(ints)), device).split(sizes)
         float_parts = _upload(torch.tensor([x for f in floats for x in f], dtype=torch.float32),
@@ -218,18 +215,30 @@ class SamplingBatch:
         return SamplingTensors(*int_parts, *float_parts)
 
 
+_upload_streams: dict[torch.device, torch.cuda.Stream] = {}
+
+
 def _upload(host: torch.Tensor, device: torch.device) -> torch.Tensor:
-    if device.type == "cuda":
-        return host.pin_memory().to(device, non_blocking=True)
-    return host
+    """`host` on `device`. On CUDA the copy runs on a stream of its own, so that it overlaps the
+    forward queued before it instead of waiting for it; the current stream waits for the copy."""
+    if device.type != "cuda":
+        return host
+    stream = _upload_streams.get(device)
+    if stream is None:
+        stream = _upload_streams[device] = torch.cuda.Stream(device)
+    host, current = host.pin_memory(), torch.cuda.current_stream(device)
+    with torch.cuda.stream(stream):
+        on_device = host.to(device, non_blocking=True)
+    current.wait_stream(stream)
+    on_device.record_stream(current)  # its memory is the upload stream's: not reused while current reads it
+    return on_device
 
 
 class SamplingTensors(NamedTuple):
     """SamplingBatch's lists on the device (int64 / float32), same names and orders."""
-    top_k_rows: torch.Tensor
+    threshold_rows: torch.Tensor
     top_ks: torch.Tensor
     top_p_rows: torch.Tensor
-    min_p_rows: torch.Tensor
     patched_rows: torch.Tensor
     suppressed_slots: torch.Tensor
     suppressed_ids: torch.Tensor
@@ -243,8 +252,8 @@ class SamplingTensors(NamedTuple):
     output_token_ids: torch.Tensor       # the penalised rows' output tokens, one row after another
     prompt_token_ids: torch.Tensor       # likewise their prompt tokens
     top_k_top_ps: torch.Tensor
-    top_ps: torch.Tensor
     log_min_ps: torch.Tensor
+    top_ps: torch.Tensor
     presence_penalties: torch.Tensor
     frequency_penalties: torch.Tensor
     repetition_penalties: torch.Tensor
@@ -292,14 +301,15 @@ class Sampler(nn.Module):
         self._rng = random.Random(seed)
 
     def warm_up(self, vocab_size: int, dtype: torch.dtype, device: torch.device):
-        """Compile the GPU kernels (the draw, top-k, row max, the patched copies and penalties) for
+        """Compile the GPU kernels (the draw, the thresholds, the patched copies and penalties) for
         logits of `dtype` now, so that no request waits for Triton's compiler."""
         if device.type == "cuda" and triton is not None:
             logits = torch.zeros(2, vocab_size, dtype=dtype, device=device)
             first = torch.zeros(1, dtype=torch.int64, device=device)
             rows = LogitRows(logits, logits[:1].float(), first, torch.tensor([0, -1], device=device))
-            rows.top_k(first, first + 1, 1, with_greater=True)
-            rows.row_max(first)
+            thresholds = torch.full((2,), float("-inf"), device=device)
+            rows.keep_thresholds_(thresholds, first, first + 1, torch.full((1,), 0.5, device=device),
+                                  torch.full((1,), -1.0, device=device), torch.ones(2, device=device), 1)
             rows.draw(torch.ones(2, device=device), torch.zeros(2, device=device), 1 << 61, None)
             patched = float_rows(logits, first)
             empty, one = torch.zeros(2, dtype=torch.int64, device=device), torch.ones(1, device=device)
@@ -343,19 +353,13 @@ def _thresholds(rows: LogitRows, temperatures: torch.Tensor, batch: SamplingBatc
     """[num_rows] float32: the smallest logit each row keeps (-inf: all); for top-k and top-p
     exactly the logit of the last token kept, so that the draw's "logit >= threshold" is exact."""
     thresholds = torch.full((batch.num_rows,), float("-inf"), device=temperatures.device)
-    divisors = torch.where(temperatures == 0, 1.0, temperatures)  # [num_rows]
-    if batch.top_k_rows:
-        vocab_size = rows.vocab_size
-        top = rows.top_k(t.top_k_rows, t.top_ks.clamp(max=vocab_size), min(max(batch.top_ks), vocab_size),
-                         with_greater=batch.any_top_k_top_p)
-        thresholds[t.top_k_rows] = top.kth if top.greater is None else _top_p_of_top_k(
-            top, divisors[t.top_k_rows], t.top_k_top_ps)
     if batch.top_p_rows:  # top-p without top-k: a sort of just these rows
+        divisors = temperatures[t.top_p_rows]
         thresholds[t.top_p_rows] = _top_p_threshold(rows.rows(t.top_p_rows, len(batch.top_p_rows) == batch.num_rows),
-                                                    divisors[t.top_p_rows], t.top_ps)
-    if batch.min_p_rows:  # p < min_p * p_max  <=>  logit / T < max logit / T + log(min_p)
-        thresholds[t.min_p_rows] = torch.maximum(thresholds[t.min_p_rows], rows.row_max(t.min_p_rows)
-                                                 + divisors[t.min_p_rows] * t.log_min_ps)
+                                                    torch.where(divisors == 0, 1.0, divisors), t.top_ps)
+    if batch.threshold_rows:  # top-k, top-p among the top-k, min-p
+        rows.keep_thresholds_(thresholds, t.threshold_rows, t.top_ks, t.top_k_top_ps, t.log_min_ps, temperatures,
+                              batch.max_top_k)
     return thresholds
 
 
@@ -387,21 +391,6 @@ def _apply_penalties_(patched: torch.Tensor, t: SamplingTensors, any_repetition:
 
 def _repetition(values: torch.Tensor, penalties: torch.Tensor) -> torch.Tensor:
     return torch.where(values > 0, values / penalties, values * penalties)
-
-
-def _top_p_of_top_k(top: TopK, divisors: torch.Tensor, top_ps: torch.Tensor) -> torch.Tensor:
-    """[num_rows]: the smallest logit each row keeps under top-k, then top-p among the top-k, as
-    vLLM: the logits >= the k-th largest (ties kept), then of those the most likely ones while
-    the mass of the larger ones is below top_p (probabilities after temperature, renormalised
-    over the top-k, ties at the k-th largest counted `num_kth` times; top_p inf: all)."""
-    greater = top.greater.sort(-1, descending=True).values  # [num_rows, max_k], -inf padding last
-    values = torch.cat([greater, top.kth.unsqueeze(1)], 1)  # descending but for the padding
-    weights = torch.cat([torch.ones_like(greater), top.num_kth.unsqueeze(1).float()], 1)
-    scaled = values / divisors.unsqueeze(1)
-    mass = weights * torch.exp(scaled - scaled.amax(-1, keepdim=True))  # padding: 0
-    larger = mass.cumsum(-1) - mass  # mass of the larger logits
-    keep = (larger < top_ps.unsqueeze(1) * mass.sum(-1, keepdim=True)) & (values > float("-inf"))
-    return torch.where(keep, values, float("inf")).amin(-1)
 
 
 def _top_p_threshold(logits: torch.Tensor, divisors: torch.Tensor, top_ps: torch.Tensor) -> torch.Tensor:
