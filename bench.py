@@ -88,18 +88,27 @@ MIXED_SAMPLING = (dict(temperature=0.0), dict(temperature=0.6, top_k=50, top_p=0
                   dict(temperature=0.6, min_p=0.05))
 
 
-def throughput(llm: LLM, args):
+def workloads(args) -> tuple[list[int], dict[str, tuple[list[list[int]], list[SamplingParams]]]]:
+    """(warm-up prompt, {name: (prompt token ids, sampling params)}): "plain", and "mixed" with
+    --mixed-sampling: fresh prompt tokens of the same lengths (no prefix-cache hits), the same
+    max_tokens, the MIXED_SAMPLING variants cycled over the requests."""
     seed(0)
     prompt_token_ids = [[randint(0, 10000) for _ in range(randint(100, args.max_input_len))]
                         for _ in range(args.num_seqs)]
     sampling_params = [SamplingParams(temperature=0.6, ignore_eos=True, max_tokens=randint(100, args.max_output_len))
                        for _ in range(args.num_seqs)]
-    llm.generate([[randint(0, 10000) for _ in range(16)]], SamplingParams(), use_tqdm=False)  # warm-up
+    warm_up = [randint(0, 10000) for _ in range(16)]
     variants = {"plain": (prompt_token_ids, sampling_params)}
-    if args.mixed_sampling:  # fresh prompt tokens of the same lengths, so no prefix-cache hits
+    if args.mixed_sampling:
         variants["mixed"] = ([[randint(0, 10000) for _ in p] for p in prompt_token_ids],
                              [SamplingParams(ignore_eos=True, max_tokens=sp.max_tokens, **MIXED_SAMPLING[i % 4])
                               for i, sp in enumerate(sampling_params)])
+    return warm_up, variants
+
+
+def throughput(llm: LLM, args):
+    warm_up, variants = workloads(args)
+    llm.generate([warm_up], SamplingParams(), use_tqdm=False)
     results = {}
     for name, (prompts, params) in variants.items():
         start = time.time()

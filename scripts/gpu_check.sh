@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Everything the GPU machine checks, in one go: GPU tests, then benchmarks; a summary last.
-# Usage (repo root, on the GPU machine): bash scripts/gpu_check.sh [tests|bench|latency|bench8b|families|mixed|sampler|tp|all]...
+# Usage (repo root, on the GPU machine): bash scripts/gpu_check.sh [tests|bench|latency|bench8b|families|mixed|sampler|profile|tp|all]...
 # tp needs two GPUs (device kind nvidia-h200-x2); all runs tests, bench and latency.
 # Expects flash-attn's wheel in .gpu/ (see README), installs it into /tmp/site.
 set -uo pipefail
@@ -24,6 +24,8 @@ for what in "${@:-all}"; do
                summary+=("mixed sampling: $(grep -E 'Throughput|plain' "$OUT/mixed.log" | tr '\n' ' ')") ;;
     sampler) python3 scripts/bench_sampler.py 2>&1 | tee -a "$OUT/sampler.log"
                summary+=("sampler: $(grep ms/step "$OUT/sampler.log" | tr '\n' ' ')") ;;
+    profile) python3 scripts/profile_steps.py 2>&1 | tee -a "$OUT/profile.log"
+               summary+=("profile: $(grep -E 'tok/s|total s' "$OUT/profile.log" | tr '\n' ' ')") ;;
     tp) python3 -m pytest -q -rA tests/test_gpu.py -k tensor_parallel 2>&1 | tee "$OUT/tp_tests.log"
         for i in 1 2; do python3 bench.py --tensor-parallel-size 2 2>&1 | tee -a "$OUT/bench_tp2.log"; done
         summary+=("tp tests: $(tail -n 1 "$OUT/tp_tests.log")" "bench tp=2: $(grep Throughput "$OUT/bench_tp2.log" | tr '\n' ' ')"

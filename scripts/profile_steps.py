@@ -1,0 +1,137 @@
+"""Where a step's time goes, host and GPU, for bench.py's workload (plain) and its --mixed-sampling
+variant (the same requests): per decode step, the host time before the forward is queued (scheduling, inputs), the
+time the host spends queuing the sampler, its wait for the results, its time after them
+(postprocess), and the GPU time of the forward and of the sampler (CUDA events, so a sampler
+whose kernels are queued slower than the GPU runs them counts its gaps too). Averages by batch
+size, then totals. CUDA only, one GPU.
+
+    python scripts/profile_steps.py [--num-seqs 256]
+"""
+import argparse
+import sys
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import bench  # noqa: E402
+from nanovllm import SamplingParams  # noqa: E402
+
+
+class StepClock:
+    """Wraps the engine's step, the runner's execute, the logits and the sampler with timers."""
+
+    def __init__(self, llm):
+        engine = llm.llm_engine
+        runner = engine.model_runner
+        self.records, self.current = [], None
+        step, execute = engine._step, runner.execute
+        compute_logits, sampler = runner.model.compute_logits, runner.sampler.forward
+
+        def timed_step():
+            self.current = record = dict(start=time.perf_counter())
+            result = step()
+            record["end"] = time.perf_counter()
+            if "gpu_start" in record:
+                self.records.append(record)
+            return result
+
+        def timed_execute(inputs):
+            record = self.current
+            record["batch"], record["prefill"] = len(inputs.logits_indices), inputs.is_prefill
+            record["execute"] = time.perf_counter()
+            record["gpu_start"] = _event()
+            result = execute(inputs)
+            record["results"] = time.perf_counter()
+            return result
+
+        def timed_logits(hidden_states):
+            logits = compute_logits(hidden_states)
+            self.current["logits"], self.current["gpu_logits"] = time.perf_counter(), _event()
+            return logits
+
+        def timed_sampler(*args):
+            output = sampler(*args)
+            self.current["sampled"], self.current["gpu_sampled"] = time.perf_counter(), _event()
+            return output
+
+        engine._step, runner.execute = timed_step, timed_execute
+        runner.model.compute_logits, runner.sampler.forward = timed_logits, timed_sampler
+
+    def report(self, name: str):
+        torch.cuda.synchronize()
+        buckets = defaultdict(lambda: defaultdict(float))
+        prefill = [r["end"] - r["start"] for r in self.records if r["prefill"]]
+        for r in self.records:
+            if r["prefill"] or "sampled" not in r:
+                continue
+            key = next(b for b in (128, 32, 8, 1) if r["batch"] >= b)
+            b = buckets[key]
+            b["steps"] += 1
+            b["wall"] += r["end"] - r["start"]
+            b["before"] += r["execute"] - r["start"]
+            b["queue_forward"] += r["logits"] - r["execute"]
+            b["queue_sampler"] += r["sampled"] - r["logits"]
+            b["wait"] += r["results"] - r["sampled"]
+            b["after"] += r["end"] - r["results"]
+            b["gpu_forward"] += r["gpu_start"].elapsed_time(r["gpu_logits"]) / 1e3
+            b["gpu_sampler"] += r["gpu_logits"].elapsed_time(r["gpu_sampled"]) / 1e3
+        fields = ["wall", "before", "queue_forward", "queue_sampler", "wait", "after", "gpu_forward", "gpu_sampler"]
+        print(f"[{name}] decode steps, ms per step (host: before = scheduling + inputs, queue_* = queuing, "
+              f"wait = for results, after = postprocess; gpu_* from CUDA events)")
+        print(f"{'batch':>8} {'steps':>6} " + " ".join(f"{f:>13}" for f in fields))
+        total = defaultdict(float)
+        for key in sorted(buckets, reverse=True):
+            b = buckets[key]
+            for f in ["steps"] + fields:
+                total[f] += b[f]
+            per_step = " ".join(f"{1e3 * b[f] / b['steps']:>13.3f}" for f in fields)
+            print(f"{'>=' + str(key):>8} {int(b['steps']):>6} {per_step}")
+        print(f"{'total s':>8} {int(total['steps']):>6} " + " ".join(f"{total[f]:>13.3f}" for f in fields))
+        print(f"[{name}] prefill steps: {len(prefill)}, {sum(prefill):.3f} s, longest {max(prefill, default=0):.3f} s")
+        self.records = []
+
+
+def compiled_variants() -> dict[str, int]:
+    """How many compiled variants each sampling kernel has: more than one means a recompile at
+    run time (a specialisation the warm-up did not cover)."""
+    from nanovllm.layers import sampling_race, sampling_select
+    counts = {}
+    for module in (sampling_race, sampling_select):
+        for name, kernel in vars(module).items():
+            caches = getattr(kernel, "device_caches", None)
+            if caches is not None:
+                counts[name] = sum(len(cache[0]) for cache in caches.values())
+    return counts
+
+
+def _event() -> torch.cuda.Event:
+    event = torch.cuda.Event(enable_timing=True)
+    event.record()
+    return event
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--num-seqs", type=int, default=256)
+    args = parser.parse_args()
+    llm = bench.make_llm(argparse.Namespace(model=None, dummy_config="Qwen3-0.6B", enforce_eager=False,
+                                            max_model_len=4096, tensor_parallel_size=1, load_format="auto"))
+    warm_up, variants = bench.workloads(argparse.Namespace(num_seqs=args.num_seqs, max_input_len=1024,
+                                                           max_output_len=1024, mixed_sampling=True))
+    llm.generate([warm_up], SamplingParams(), use_tqdm=False)
+    clock = StepClock(llm)
+    for name, (prompts, params) in variants.items():
+        num_tokens = sum(p.max_tokens for p in params)
+        start = time.perf_counter()
+        llm.generate(prompts, params, use_tqdm=False)
+        elapsed = time.perf_counter() - start
+        print(f"[{name}] {num_tokens} tokens in {elapsed:.2f} s: {num_tokens / elapsed:.0f} tok/s")
+        clock.report(name)
+        print(f"[{name}] compiled variants of the sampling kernels: {compiled_variants()}")
+
+
+if __name__ == "__main__":
+    main()
