@@ -154,9 +154,10 @@ if triton is not None:
             cols = col + offsets
             x = tl.load(row_ptr + cols, mask=cols < end, other=float("-inf")).to(tl.float32)
             num_at_bound += ((x == bound) & (cols < end)).to(tl.int32)
-            above = x > bound
-            slot = tl.atomic_add(counter_ptr + offsets * 0, 1, mask=above)
-            tl.store(out_ptr + slot, x, mask=above & (slot < capacity))  # always: capacity is an upper bound
+            if tl.max(x, 0) > bound:  # rarely: only the top few logits of a row are above it
+                above = x > bound
+                slot = tl.atomic_add(counter_ptr + offsets * 0, 1, mask=above)
+                tl.store(out_ptr + slot, x, mask=above & (slot < capacity))  # always: capacity is an upper bound
             col += BLOCK
         return tl.sum(num_at_bound, 0)
 
