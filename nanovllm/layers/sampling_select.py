@@ -250,28 +250,19 @@ if triton is not None:
 
     # The same searches over more collected logits than one block holds, a block at a time.
     @triton.jit
-    def _count_at_least(values_ptr, count, key, BLOCK: tl.constexpr):
-        """How many of values[:count] have keys >= key."""
+    def _counts(values_ptr, count, key, value, BLOCK: tl.constexpr):
+        """(How many of values[:count] have keys >= key, how many equal value)."""
         offsets = tl.arange(0, BLOCK)
-        total = tl.zeros((BLOCK,), tl.int32)
+        at_least = tl.zeros((BLOCK,), tl.int32)
+        equal = tl.zeros((BLOCK,), tl.int32)
         start = 0
         while start < count:
-            x = tl.load(values_ptr + start + offsets, mask=start + offsets < count, other=float("-inf"))
-            total += ((_key_of(x) >= key) & (start + offsets < count)).to(tl.int32)
+            valid = start + offsets < count
+            x = tl.load(values_ptr + start + offsets, mask=valid, other=float("nan"))
+            at_least += ((_key_of(x) >= key) & valid).to(tl.int32)
+            equal += (x == value).to(tl.int32)
             start += BLOCK
-        return tl.sum(total, 0)
-
-    @triton.jit
-    def _count_equal(values_ptr, count, value, BLOCK: tl.constexpr):
-        """How many of values[:count] equal value."""
-        offsets = tl.arange(0, BLOCK)
-        total = tl.zeros((BLOCK,), tl.int32)
-        start = 0
-        while start < count:
-            x = tl.load(values_ptr + start + offsets, mask=start + offsets < count, other=float("nan"))
-            total += (x == value).to(tl.int32)
-            start += BLOCK
-        return tl.sum(total, 0)
+        return tl.sum(at_least, 0), tl.sum(equal, 0)
 
     @triton.jit
     def _mass_above(values_ptr, count, key, kth, kth_mass, top, divisor, BLOCK: tl.constexpr):
@@ -292,12 +283,15 @@ if triton is not None:
         """_threshold_kernel's top-k and top-p over values[:count], count > BLOCK."""
         kth = bound
         if count >= k:
-            key = tl.where(_count_at_least(values_ptr, count, 0, BLOCK) >= k, 0, -2147483648)
+            num_at_least, _ = _counts(values_ptr, count, 0, kth, BLOCK)
+            key = tl.where(num_at_least >= k, 0, -2147483648)
             for bit in tl.static_range(30, -1, -1):
                 candidate = key | (1 << bit)
-                key = tl.where(_count_at_least(values_ptr, count, candidate, BLOCK) >= k, candidate, key)
+                num_at_least, _ = _counts(values_ptr, count, candidate, kth, BLOCK)
+                key = tl.where(num_at_least >= k, candidate, key)
             kth = _value_of(key)
-        num_kth = _count_equal(values_ptr, count, kth, BLOCK) + tl.where(kth == bound, num_at_bound, 0)
+        _, num_equal = _counts(values_ptr, count, 0, kth, BLOCK)
+        num_kth = num_equal + tl.where(kth == bound, num_at_bound, 0)
         if top_p < float("inf"):
             kth_mass = num_kth.to(tl.float32) * tl.exp(kth / divisor - top / divisor)
             target = top_p * _mass_above(values_ptr, count, -2147483648, kth, kth_mass, top, divisor, BLOCK)
