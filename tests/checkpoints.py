@@ -41,6 +41,9 @@ QWEN_PATTERN = (
     r"""|\s*[\r\n]+|\s+(?!\S)|\s+"""
 )
 
+# LLM arguments of the CPU end-to-end tests on these checkpoints (float32, small blocks and cache)
+ENGINE_ARGS = dict(dtype="float32", kvcache_block_size=16, max_model_len=512, cpu_kvcache_space_gib=0.05)
+
 NUM_REGULAR_TOKENS = 151643  # ids 0..151642 come from qwen.tiktoken
 
 ENDOFTEXT_ID = 151643

@@ -13,23 +13,15 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from checkpoints import IM_END_ID, write_tiny_qwen3
+from checkpoints import ENGINE_ARGS, IM_END_ID, write_tiny_qwen3
 from nanovllm import LLM, SamplingParams, TokensPrompt
 
-ENGINE_ARGS = dict(dtype="float32", kvcache_block_size=16, max_model_len=512, cpu_kvcache_space_gib=0.05)
 PROMPT = "The capital of France is a city that"
 IDS = list(range(1000, 1040))  # 2.5 blocks of 16 tokens
 
 
 def greedy(**kw) -> SamplingParams:
     return SamplingParams(**{"temperature": 0, "max_tokens": 16, "ignore_eos": True} | kw)
-
-
-@pytest.fixture(scope="module")
-def llm(qwen3_tied):
-    engine = LLM(qwen3_tied, **ENGINE_ARGS)
-    yield engine
-    engine.shutdown()
 
 
 @pytest.fixture(scope="module")

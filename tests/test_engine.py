@@ -14,10 +14,10 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from checkpoints import ENGINE_ARGS
 from nanovllm import LLM, SamplingParams
 from nanovllm.utils.context import PAD_SLOT_ID, AttentionMetadata, forward_context
 
-ENGINE_ARGS = dict(dtype="float32", kvcache_block_size=16, max_model_len=512, cpu_kvcache_space_gib=0.05)
 TEXT_PROMPTS = ["Hello, my name is", "The capital of France is a city that",
                 "List all prime numbers within 100 and explain the method step by step:"]
 GREEDY = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True)
@@ -49,13 +49,6 @@ def completions(outputs) -> list[list[int]]:
 @pytest.fixture(scope="module")
 def hf_model(qwen3_tied):
     return AutoModelForCausalLM.from_pretrained(qwen3_tied, dtype=torch.float32).eval()
-
-
-@pytest.fixture(scope="module")
-def llm(qwen3_tied):
-    engine = LLM(qwen3_tied, **ENGINE_ARGS)
-    yield engine
-    engine.shutdown()
 
 
 @pytest.fixture(scope="module")
