@@ -1,5 +1,5 @@
 """nano-vllm: a compact offline LLM inference engine with vLLM's API."""
-from nanovllm.engine.llm_engine import TextPrompt, TokensPrompt
+from nanovllm.engine.input_processor import TextPrompt, TokensPrompt
 from nanovllm.llm import LLM
 from nanovllm.outputs import CompletionOutput, Logprob, RequestOutput
 from nanovllm.sampling_params import SamplingParams

@@ -14,7 +14,8 @@ Scripts written for nano-vllm keep working: `generate(prompts, sampling_params, 
 """
 import logging
 
-from nanovllm.engine.llm_engine import LLMEngine, PromptType
+from nanovllm.engine.input_processor import PromptType
+from nanovllm.engine.llm_engine import LLMEngine
 from nanovllm.outputs import RequestOutput
 from nanovllm.sampling_params import SamplingParams
 from nanovllm.utils.hub import resolve_model_path

@@ -140,10 +140,6 @@ class SamplingParams:
             if not isinstance(token_id, int) or isinstance(token_id, bool) or token_id < 0:
                 raise ValueError(f"stop_token_ids must be non-negative integers, got {self.stop_token_ids!r}.")
 
-    @property
-    def greedy(self) -> bool:
-        return self.temperature == 0
-
     def clone(self, **changes) -> "SamplingParams":
         """A copy with `changes` applied (and validated again)."""
         values = {name: getattr(self, name) for name in self.__dataclass_fields__ if name != "temperature_only"}

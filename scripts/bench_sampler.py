@@ -15,8 +15,9 @@ import time
 import torch
 
 from nanovllm.engine.sequence import Sequence
-from nanovllm.layers.sampler import Sampler, SamplingRows
-from nanovllm.layers.sampling_select import LogitRows
+from nanovllm.sample.logits import PatchedLogits
+from nanovllm.sample.sampler import Sampler
+from nanovllm.sample.thresholds import keep_thresholds_
 from nanovllm.sampling_params import SamplingParams
 
 MIXED = (dict(temperature=0.0), dict(temperature=0.6, top_k=50, top_p=0.9),
@@ -39,9 +40,8 @@ def make_seqs(rows: int, variant: tuple[dict, ...]) -> list[Sequence]:
     return seqs
 
 
-def step(sampler: Sampler, logits: torch.Tensor, temperatures: torch.Tensor, seqs: list[Sequence]):
-    rows = SamplingRows.of(seqs)
-    return sampler(logits, temperatures, rows.build() if rows else None).tolist()
+def step(sampler: Sampler, logits: torch.Tensor, seqs: list[Sequence]):
+    return sampler(logits, seqs).tolist()
 
 
 def time_ms(fn, iters: int) -> float:
@@ -69,33 +69,32 @@ def main():
     logits = torch.randn(args.rows, args.vocab, device="cuda", dtype=torch.bfloat16) * 3
     inf = float("inf")
     for rows, k, top_p in ((args.rows, 20, 0.95), (args.rows // 4, 50, 0.9), (args.rows // 4, 0, inf)):
-        x = LogitRows(logits[:rows])  # the threshold stage alone: top-k + top-p (k = 0: min-p 0.05)
+        x = PatchedLogits(logits[:rows])  # the threshold stage alone: top-k + top-p (k = 0: min-p 0.05)
         index, temperatures = torch.arange(rows, device="cuda"), torch.full((rows,), 0.6, device="cuda")
         ks, top_ps = torch.full((rows,), k, device="cuda"), torch.full((rows,), top_p, device="cuda")
         log_min_ps = torch.full((rows,), -inf if k else math.log(0.05), device="cuda")
         thresholds = torch.full((rows,), -inf, device="cuda")
         args_ = (thresholds, index, ks, top_ps, log_min_ps, temperatures, k)
         x.triton_kernels = False
-        slow = time_ms(lambda: x.keep_thresholds_(*args_), args.iters)
+        slow = time_ms(lambda: keep_thresholds_(x, *args_), args.iters)
         x.triton_kernels = True
         print(f"thresholds of {rows} rows, top-k {k}, top-p {top_p}: torch {slow:.3f} ms, "
-              f"kernels {time_ms(lambda: x.keep_thresholds_(*args_), args.iters):.3f} ms")
+              f"kernels {time_ms(lambda: keep_thresholds_(x, *args_), args.iters):.3f} ms")
     for name in args.variants:
         variant = VARIANTS[name]
         seqs = make_seqs(args.rows, variant)
-        temperatures = torch.tensor([s.sampling_params.temperature for s in seqs], device="cuda")
         for _ in range(5):
-            step(sampler, logits, temperatures, seqs)
+            step(sampler, logits, seqs)
         torch.cuda.synchronize()
         start = time.perf_counter()
         for _ in range(args.iters):
-            step(sampler, logits, temperatures, seqs)
+            step(sampler, logits, seqs)
         torch.cuda.synchronize()
         ms = 1000 * (time.perf_counter() - start) / args.iters
         print(f"{name}: {ms:.3f} ms/step ({args.rows} rows, vocab {args.vocab})")
         with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
             for _ in range(10):
-                step(sampler, logits, temperatures, seqs)
+                step(sampler, logits, seqs)
             torch.cuda.synchronize()
         events = prof.key_averages()
         gpu_ms = sum(e.self_device_time_total for e in events) / 10 / 1000

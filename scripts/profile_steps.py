@@ -21,14 +21,14 @@ from nanovllm import SamplingParams  # noqa: E402
 
 
 class StepClock:
-    """Wraps the engine's step, the runner's execute, the logits and the sampler with timers."""
+    """Wraps the engine's step, the runner's forward, logits, sampler and sampling with timers."""
 
     def __init__(self, llm):
         engine = llm.llm_engine
-        runner = engine.model_runner
+        runner = engine.executor.runner
         self.records, self.current = [], None
-        step, execute = engine._step, runner.execute
-        compute_logits, sampler = runner.model.compute_logits, runner.sampler.forward
+        step, execute_model, sample = engine._step, runner.execute_model, runner.sample
+        compute_logits, sampler = runner.model.compute_logits, runner.sampler
 
         def timed_step():
             self.current = record = dict(start=time.perf_counter())
@@ -43,8 +43,11 @@ class StepClock:
             record["batch"], record["prefill"] = len(inputs.logits_indices), inputs.is_prefill
             record["execute"] = time.perf_counter()
             record["gpu_start"] = _event()
-            result = execute(inputs)
-            record["results"] = time.perf_counter()
+            return execute_model(inputs)
+
+        def timed_sample(logits, seqs):
+            result = sample(logits, seqs)
+            self.current["results"] = time.perf_counter()
             return result
 
         def timed_logits(hidden_states):
@@ -57,8 +60,8 @@ class StepClock:
             self.current["sampled"], self.current["gpu_sampled"] = time.perf_counter(), _event()
             return output
 
-        engine._step, runner.execute = timed_step, timed_execute
-        runner.model.compute_logits, runner.sampler.forward = timed_logits, timed_sampler
+        engine._step, runner.execute_model, runner.sample = timed_step, timed_execute, timed_sample
+        runner.model.compute_logits, runner.sampler = timed_logits, timed_sampler
 
     def report(self, name: str):
         torch.cuda.synchronize()
@@ -97,9 +100,9 @@ class StepClock:
 def compiled_variants() -> dict[str, int]:
     """How many compiled variants each sampling kernel has: more than one means a recompile at
     run time (a specialisation the warm-up did not cover)."""
-    from nanovllm.layers import sampling_race, sampling_select
+    from nanovllm.sample import draw, logits, penalties, thresholds_triton
     counts = {}
-    for module in (sampling_race, sampling_select):
+    for module in (draw, logits, penalties, thresholds_triton):
         for name, kernel in vars(module).items():
             caches = getattr(kernel, "device_caches", None)
             if caches is not None:

@@ -9,7 +9,7 @@ _TESTS_DIR = os.path.dirname(os.path.abspath(__file__))
 if _TESTS_DIR not in sys.path:
     sys.path.insert(0, _TESTS_DIR)
 
-from checkpoints import ENGINE_ARGS, write_tiny_qwen3  # noqa: E402
+from fixtures.checkpoints import ENGINE_ARGS, write_tiny_qwen3  # noqa: E402
 from nanovllm import LLM  # noqa: E402
 
 

@@ -13,7 +13,8 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from checkpoints import ENGINE_ARGS, IM_END_ID, write_tiny_qwen3
+from fixtures.checkpoints import ENGINE_ARGS, write_tiny_qwen3
+from fixtures.tokenizer import IM_END_ID
 from nanovllm import LLM, SamplingParams, TokensPrompt
 
 PROMPT = "The capital of France is a city that"
@@ -151,12 +152,12 @@ def test_stop_token_ids_eos_and_min_tokens(llm, tokenizer, reference):
     engine = llm.llm_engine
     assert {IM_END_ID, 151643} <= engine.eos_token_ids
     saved = engine.eos_token_ids
-    engine.eos_token_ids = engine.scheduler.eos_token_ids = frozenset({stop_id})
+    engine.eos_token_ids = engine.scheduler.eos_token_ids = engine.input_processor.eos_token_ids = frozenset({stop_id})
     try:
         (stopped,) = llm.generate(PROMPT, SamplingParams(temperature=0, max_tokens=32), use_tqdm=False)
         (late,) = llm.generate(PROMPT, SamplingParams(temperature=0, max_tokens=32, min_tokens=i + 3), use_tqdm=False)
     finally:
-        engine.eos_token_ids = engine.scheduler.eos_token_ids = saved
+        engine.eos_token_ids = engine.scheduler.eos_token_ids = engine.input_processor.eos_token_ids = saved
     assert stopped.outputs[0].token_ids == reference[:i + 1]
     assert (stopped.outputs[0].finish_reason, stopped.outputs[0].stop_reason) == ("stop", None)
     assert stop_id not in late.outputs[0].token_ids[:i + 3]

@@ -1,4 +1,4 @@
-"""Fast CPU checks of the tiny checkpoint writer (tests/checkpoints.py)."""
+"""Fast CPU checks of the tiny checkpoint writer (tests/fixtures/)."""
 
 import json
 import os
@@ -8,7 +8,7 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from checkpoints import (
+from fixtures.tokenizer import (
     END_THINK_ID,
     ENDOFTEXT_ID,
     IM_END_ID,

@@ -14,9 +14,9 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from checkpoints import ENGINE_ARGS
+from fixtures.checkpoints import ENGINE_ARGS
 from nanovllm import LLM, SamplingParams
-from nanovllm.utils.context import PAD_SLOT_ID, AttentionMetadata, forward_context
+from nanovllm.attention import PAD_SLOT_ID, AttentionMetadata, forward_context
 
 TEXT_PROMPTS = ["Hello, my name is", "The capital of France is a city that",
                 "List all prime numbers within 100 and explain the method step by step:"]
@@ -57,7 +57,7 @@ def reference_tokens(qwen3_tied, hf_model):
 
 
 def test_prefill_logits_match_transformers(llm, hf_model, qwen3_tied):
-    runner = llm.llm_engine.model_runner
+    runner = llm.llm_engine.executor.runner
     prompts = token_prompts(qwen3_tied)[:3]
     flat = [t for p in prompts for t in p]
     cu = [0]

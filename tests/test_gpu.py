@@ -6,6 +6,8 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from nanovllm import LLM, SamplingParams
+from nanovllm.engine.sequence import Sequence
+from nanovllm.worker.inputs import prepare_step
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 
@@ -15,7 +17,7 @@ GREEDY = SamplingParams(temperature=0, max_tokens=32, ignore_eos=True)
 @pytest.fixture(scope="module")
 def qwen3_gpu(tmp_path_factory):
     """A Qwen3 small enough to build quickly, with flash-attn's head dim 128, in bfloat16."""
-    from checkpoints import write_tiny_qwen3
+    from fixtures.checkpoints import write_tiny_qwen3
     return write_tiny_qwen3(tmp_path_factory.mktemp("qwen3_gpu"), num_hidden_layers=4, hidden_size=512,
                             num_attention_heads=8, num_key_value_heads=4, head_dim=128, intermediate_size=1024,
                             dtype=torch.bfloat16, seed=3)
@@ -80,14 +82,13 @@ def prompts() -> list[list[int]]:
 def test_prefill_logits_match_transformers_bf16(qwen3_gpu):
     hf = AutoModelForCausalLM.from_pretrained(qwen3_gpu, dtype=torch.bfloat16).cuda().eval()
     llm = LLM(qwen3_gpu, enforce_eager=True, max_model_len=1024)
-    runner = llm.llm_engine.model_runner
+    runner = llm.llm_engine.executor.runner
     try:
         for p in prompts():
-            from nanovllm.engine.sequence import Sequence
             seq = Sequence(0, p, GREEDY)
             llm.llm_engine.scheduler.block_manager.allocate(seq)
             seq.num_scheduled_tokens = len(p)
-            step = runner.prepare([seq], is_prefill=True)
+            step = prepare_step([seq], True, runner.block_size)
             step.logits_indices = list(range(len(p)))  # logits of every position
             logits = _logits(runner, step)
             llm.llm_engine.scheduler.block_manager.deallocate(seq)
@@ -101,7 +102,7 @@ def test_prefill_logits_match_transformers_bf16(qwen3_gpu):
 
 def _logits(runner, step):
     """Run the model on `step` and return the logits of `step.logits_indices` (float32)."""
-    from nanovllm.utils.context import AttentionMetadata, forward_context
+    from nanovllm.attention import AttentionMetadata, forward_context
     t = lambda x, dt: torch.tensor(x, dtype=dt, device="cuda")
     meta = AttentionMetadata(is_prefill=True, slot_mapping=t(step.slot_mapping, torch.int32),
                              cu_seqlens_q=t(step.cu_seqlens_q, torch.int32), cu_seqlens_k=t(step.cu_seqlens_k, torch.int32),
@@ -168,7 +169,7 @@ FAMILIES = {  # head dims 64 and 128 (the flash-attn build here has those two)
 
 @pytest.mark.parametrize("architecture", sorted(FAMILIES))
 def test_family_greedy_close_to_transformers(architecture, tmp_path):
-    from checkpoints import write_tiny_decoder
+    from fixtures.checkpoints import write_tiny_decoder
     overrides = dict(FAMILIES[architecture])
     rope_scaling = overrides.pop("rope_scaling", None)
     path = write_tiny_decoder(tmp_path, architecture, seed=5, rope_scaling=rope_scaling, vocab_size=32000,

@@ -16,14 +16,14 @@ import torch
 import torch.distributed as dist
 from transformers import AutoConfig, AutoModelForCausalLM, LlamaConfig, MistralConfig, Qwen2Config
 
-from checkpoints import write_tiny_decoder
+from fixtures.checkpoints import write_tiny_decoder
 from nanovllm import LLM, SamplingParams
-from nanovllm.layers.attention import Attention
+from nanovllm.attention import Attention
 from nanovllm.layers.rotary_embedding import rope_inv_freq
 from nanovllm.models import MODEL_REGISTRY, get_model_class
 from nanovllm.models.llama import MistralForCausalLM
 from nanovllm.models.qwen2 import Qwen2ForCausalLM
-from nanovllm.utils.context import PAD_SLOT_ID, AttentionMetadata, forward_context
+from nanovllm.attention import PAD_SLOT_ID, AttentionMetadata, forward_context
 from nanovllm.utils.loader import load_model
 from nanovllm.utils.parallel import find_free_port
 
@@ -31,7 +31,7 @@ from nanovllm.utils.parallel import find_free_port
 LLAMA3_SCALING = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
                   "original_max_position_embeddings": 64}
 
-# name -> (architecture, config overrides of checkpoints.TINY_DECODER_SHAPE); hidden 64, 2 layers,
+# name -> (architecture, config overrides of fixtures.checkpoints.TINY_DECODER_SHAPE); hidden 64, 2 layers,
 # 4 heads / 2 KV heads unless overridden.
 CHECKPOINTS = {
     "qwen2_tied": ("Qwen2ForCausalLM", dict(tie_word_embeddings=True)),  # no head_dim: hidden / heads

@@ -3,13 +3,14 @@ field's effect on which tokens can be drawn, penalties and logprobs value by val
 independent of the batch they are in. Sequences are real `Sequence`s, no model is needed."""
 import itertools
 import math
-import pickle
 
 import pytest
 import torch
 
 from nanovllm.engine.sequence import Sequence
-from nanovllm.layers.sampler import Sampler, SamplingBatch, SamplingRows, _apply_penalties_
+from nanovllm.sample.metadata import SamplingMetadata
+from nanovllm.sample.penalties import apply_penalties_
+from nanovllm.sample.sampler import Sampler
 from nanovllm.sampling_params import SamplingParams
 
 VOCAB = 64
@@ -37,10 +38,8 @@ def seq(prompt=(1, 2, 3), output=(), seed=None, stop_ids=frozenset(), **params) 
 
 
 def sample(logits: torch.Tensor, seqs: list[Sequence]):
-    """What ModelRunner.execute does: the plain path when SamplingRows.of gives None."""
-    temperatures = torch.tensor([s.sampling_params.temperature for s in seqs], dtype=torch.float32, device=DEVICE)
-    rows = SamplingRows.of(seqs)
-    return sampler(logits.to(DEVICE), temperatures, rows.build() if rows else None)
+    """What the model runner does with a step's logits."""
+    return sampler(logits.to(DEVICE), seqs)
 
 
 def random_logits(rows: int, seed: int = 0, vocab: int = VOCAB) -> torch.Tensor:
@@ -54,21 +53,17 @@ def support(logits_row: torch.Tensor, make_seq, draws: int = 3000) -> set[int]:
 
 
 def test_plain_batches_take_the_temperature_only_path():
-    assert SamplingRows.of([seq(temperature=0.7), seq(temperature=0)]) is None
-    assert SamplingRows.of([seq(temperature=0.7), seq(top_k=3)]) is not None
-
-
-def test_rows_are_not_sent_to_workers():
-    rows = SamplingRows.of([seq(seed=1, presence_penalty=1.0, output=[5])])
-    assert pickle.loads(pickle.dumps(rows)) is None
+    assert SamplingMetadata.build([seq(temperature=0.7), seq(temperature=0)], torch.device("cpu"), 0).plain
+    assert not SamplingMetadata.build([seq(temperature=0.7), seq(top_k=3)], torch.device("cpu"), 0).plain
 
 
 def test_greedy_and_top_k_1_equal_argmax():
     logits = random_logits(8)
     seqs = [seq(temperature=0) if i % 2 else seq(temperature=1.3, top_k=1) for i in range(8)]
     assert sample(logits, seqs).token_ids.tolist() == logits.argmax(-1).tolist()
-    temperatures = torch.zeros(8, device=DEVICE)
-    assert sampler(logits.to(DEVICE), temperatures).token_ids.tolist() == logits.argmax(-1).tolist()  # plain path
+    plain = [seq(temperature=0) for _ in range(8)]
+    assert SamplingMetadata.build(plain, torch.device("cpu"), 0).plain
+    assert sample(logits, plain).token_ids.tolist() == logits.argmax(-1).tolist()
 
 
 def test_input_logits_are_left_unchanged():
@@ -148,11 +143,10 @@ def test_penalties_match_a_direct_computation():
              dict(prompt=[4], output=[4, 4, 11], presence_penalty=-1.0, frequency_penalty=2.0, repetition_penalty=1.0)]
     seqs = [seq(top_k=3)] + [seq(**c) for c in cases]  # an unpenalised row in the same batch
     logits = random_logits(len(seqs), seed=5).to(DEVICE)
-    batch = SamplingBatch.build(seqs)
-    assert batch.patched_rows == [1, 2, 3] and batch.penalty_slots == [0, 1, 2]
-    t = batch.to_device(DEVICE)
+    t = SamplingMetadata.build(seqs, DEVICE, 0)
+    assert t.patched_rows.tolist() == [1, 2, 3] and t.penalty_slots.tolist() == [0, 1, 2]
     got = logits[t.patched_rows].float()  # the sampler's float32 copies of the patched rows
-    _apply_penalties_(got, t, batch.any_repetition, logits)
+    apply_penalties_(got, t, logits)
     logits, got = logits.cpu(), got.cpu()
     for i, c in enumerate(cases):
         expected = _penalised_reference(logits[i + 1], c["prompt"], c["output"], c["presence_penalty"],
@@ -170,7 +164,7 @@ def test_penalties_match_a_direct_computation():
 def test_penalty_token_mirror_follows_new_tokens():
     s = seq(prompt=[1, 2], frequency_penalty=1.0)
     for _ in range(3):
-        tensors = SamplingBatch.build([s]).to_device(torch.device("cpu"))
+        tensors = SamplingMetadata.build([s], torch.device("cpu"), 0)
         assert tensors.output_token_ids.tolist() == s.completion_token_ids
         assert tensors.output_starts.tolist() == [0, s.num_completion_tokens] and tensors.penalty_slots.tolist() == [0]
         assert tensors.prompt_token_ids.tolist() == []  # no repetition penalty: the prompt is not needed

@@ -46,9 +46,6 @@ class Sequence:
         self.stop_reason: int | str | None = None  # the stop_token_id or stop string; None for EOS
         self.sampling_state: Any = None
 
-    def __len__(self) -> int:
-        return len(self.token_ids)
-
     @property
     def num_tokens(self) -> int:
         return len(self.token_ids)

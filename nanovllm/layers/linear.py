@@ -18,7 +18,7 @@ from nanovllm.utils.parallel import all_reduce, divide, tp_rank, tp_size
 
 class LinearBase(nn.Module):
 
-    def __init__(self, input_size: int, output_size: int, bias: bool, tp_dim: int | None):
+    def __init__(self, input_size: int, output_size: int, bias: bool, tp_dim: int):
         super().__init__()
         self.tp_dim = tp_dim
         self.tp_rank, self.tp_size = tp_rank(), tp_size()
@@ -34,18 +34,12 @@ class LinearBase(nn.Module):
         return loaded.narrow(dim, self.tp_rank * size, size)
 
     def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor):
-        if self.tp_dim is not None and param.dim() > self.tp_dim:
+        if param.dim() > self.tp_dim:
             loaded = self._shard(loaded, self.tp_dim, param.size(self.tp_dim))
         _copy(param.data, loaded)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(x, self.weight, self.bias)
-
-
-class ReplicatedLinear(LinearBase):
-
-    def __init__(self, input_size: int, output_size: int, bias: bool = False):
-        super().__init__(input_size, output_size, bias, tp_dim=None)
 
 
 class ColumnParallelLinear(LinearBase):

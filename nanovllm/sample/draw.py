@@ -18,11 +18,8 @@ with a torch.Generator per key, so the CPU and GPU draws agree in distribution, 
 """
 import torch
 
-try:
-    import triton
-    import triton.language as tl
-except ImportError:  # CPU-only installs without Triton use race_torch
-    triton = None
+from nanovllm.sample.logits import PatchedLogits
+from nanovllm.utils.triton_utils import slices_of, tl, triton
 
 MASK64 = (1 << 64) - 1
 MAX_KEY = (1 << 62) - 1  # keys stay below 2**63 even after adding a row index
@@ -36,6 +33,15 @@ def draw_key(seed: int, draw: int) -> int:
     z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & MASK64
     z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & MASK64
     return (z ^ (z >> 31)) & MAX_KEY
+
+
+def draw(logits: PatchedLogits, temperatures: torch.Tensor, thresholds: torch.Tensor | None, base_key: int,
+         keys: torch.Tensor | None) -> torch.Tensor:
+    """[num_rows] int64: the race over every row of `logits`, as race_torch describes."""
+    if not logits.triton_kernels:
+        return race_torch(logits.dense(), temperatures, thresholds, base_key, keys)
+    return race_triton(logits.main, temperatures, thresholds, base_key, keys, patched=logits.patched,
+                       patched_index=logits.patched_index)
 
 
 def race_torch(logits: torch.Tensor, temperatures: torch.Tensor, thresholds: torch.Tensor | None,
@@ -53,14 +59,6 @@ def race_torch(logits: torch.Tensor, temperatures: torch.Tensor, thresholds: tor
         noise[row].exponential_(1, generator=torch.Generator(scaled.device).manual_seed(key))
     sampled = (scaled.softmax(-1) / noise).argmax(-1)
     return torch.where(greedy, scaled.argmax(-1), sampled)
-
-
-def slices_of(num_rows: int, vocab_size: int, step: int, target_programs: int) -> tuple[int, int]:
-    """(slice_len, num_slices): each row split into slices of a multiple of `step` columns, so that
-    num_rows * num_slices comes near `target_programs` (one Triton program per slice)."""
-    num_slices = min(triton.cdiv(vocab_size, step), max(1, triton.cdiv(target_programs, num_rows)))
-    slice_len = triton.cdiv(triton.cdiv(vocab_size, num_slices), step) * step
-    return slice_len, triton.cdiv(vocab_size, slice_len)
 
 
 def race_triton(logits: torch.Tensor, temperatures: torch.Tensor, thresholds: torch.Tensor | None,

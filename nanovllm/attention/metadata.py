@@ -9,8 +9,6 @@ from dataclasses import dataclass
 
 import torch
 
-PAD_SLOT_ID = -1  # slot_mapping entry of a padded (CUDA-graph) row: its K/V are not stored
-
 
 @dataclass
 class AttentionMetadata:

@@ -1,0 +1,82 @@
+"""Output processing: sampled tokens -> what the caller sees (`RequestOutput`), with vLLM's semantics.
+
+Per step, only for tracked completions (see request.py): logprobs, incremental detokenization and
+stop strings. A stop string is matched on the incrementally detokenized text, across token
+boundaries; the text is cut before it (unless include_stop_str_in_output), `token_ids` keep the
+token that completed it. Other completions are decoded once, when they finish.
+"""
+from transformers import PreTrainedTokenizerBase
+
+from nanovllm.engine.request import Completion, Request
+from nanovllm.outputs import CompletionOutput, Logprob, RequestOutput
+from nanovllm.sample.sampler import SampledTokens
+from nanovllm.utils.detokenizer import check_stop_strings
+
+
+class OutputProcessor:
+
+    def __init__(self, tokenizer: PreTrainedTokenizerBase | None):
+        self.tokenizer = tokenizer
+
+    def update(self, completion: Completion, sampled: SampledTokens, row: int) -> bool:
+        """Account for the token the completion's sequence got in this step (row `row` of
+        `sampled`). Returns True when a stop string ends it: the caller then finishes the
+        sequence, unless it already finished by length in this step (then "stop" wins, as in
+        vLLM: its finish_reason is set here)."""
+        seq, params = completion.seq, completion.request.params
+        if completion.logprobs is not None:
+            self._record_logprobs(completion, sampled, row)
+        detokenizer = completion.detokenizer
+        stopped_by_token = seq.finish_reason == "stop"
+        if detokenizer is None or (stopped_by_token and not params.include_stop_str_in_output):
+            return False
+        new_chars = detokenizer.update([seq.last_token])
+        if not params.stop or stopped_by_token or seq.num_completion_tokens <= params.min_tokens:
+            return False
+        hit = check_stop_strings(detokenizer.output_text, new_chars, params.stop, params.include_stop_str_in_output)
+        if hit is None:
+            return False
+        seq.stop_reason, cut = hit
+        detokenizer.output_text = detokenizer.output_text[:cut]
+        completion.stopped_by_string = True
+        if seq.is_finished:
+            seq.finish_reason = "stop"
+        return True
+
+    def _record_logprobs(self, completion: Completion, sampled: SampledTokens, row: int):
+        token_ids, logprobs = sampled.logprob_token_ids[row], sampled.logprobs[row]
+        k = completion.request.params.logprobs
+        entry = {token_ids[0]: Logprob(logprobs[0], sampled.ranks[row], self._token_text(token_ids[0]))}
+        for rank, (token_id, logprob) in enumerate(zip(token_ids[1:k + 1], logprobs[1:k + 1]), 1):
+            if token_id not in entry:
+                entry[token_id] = Logprob(logprob, rank, self._token_text(token_id))
+        completion.logprobs.append(entry)
+        completion.cumulative_logprob += logprobs[0]
+
+    def _token_text(self, token_id: int) -> str | None:
+        return None if self.tokenizer is None else self.tokenizer.decode([token_id])
+
+    def completion_output(self, completion: Completion) -> CompletionOutput:
+        seq, params = completion.seq, completion.request.params
+        token_ids = seq.completion_token_ids
+        if completion.stopped_by_string:
+            text = completion.detokenizer.output_text
+        elif seq.is_finished and params.detokenize and self.tokenizer is not None:
+            stop_token = seq.finish_reason == "stop" and not params.include_stop_str_in_output
+            text = self.tokenizer.decode(token_ids[:-1] if stop_token else token_ids,
+                                         skip_special_tokens=params.skip_special_tokens)
+        elif completion.detokenizer is not None:  # in progress: hold back what may start a stop string
+            text = completion.detokenizer.output_text
+            if params.stop and not params.include_stop_str_in_output:
+                text = text[:max(0, len(text) - (max(map(len, params.stop)) - 1))]
+        else:
+            text = ""
+        return CompletionOutput(completion.index, text, token_ids, completion.cumulative_logprob,
+                                completion.logprobs, seq.finish_reason, seq.stop_reason)
+
+    def request_output(self, request: Request) -> RequestOutput:
+        """The cumulative RequestOutput of `request` as it stands."""
+        return RequestOutput(request.request_id, request.prompt, request.prompt_token_ids,
+                             [self.completion_output(c) for c in request.completions],
+                             finished=request.num_unfinished == 0,
+                             num_cached_tokens=request.completions[0].seq.num_prefix_cached_tokens)

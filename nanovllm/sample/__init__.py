@@ -1,0 +1,1 @@
+"""Next-token sampling on the device: the Sampler pipeline and its stages."""

@@ -1,0 +1,226 @@
+"""The sampling settings of one step's logits rows: built on the host from the rows' sequences
+once the forward is queued (so this host work overlaps the GPU's), uploaded as one int64 and one
+float32 copy on a stream of their own (so the copies overlap the forward too).
+
+Each stage has the rows it applies to (indices into the batch) and their parameters, in the same
+order; a stage with no rows (an empty tensor: its length is known on the host) does not run. A
+step whose rows all use temperature alone is `plain`: only the draw runs.
+
+The sampler's per-sequence state (`seq.sampling_state`: a numpy mirror of a penalised sequence's
+token ids, grown by the new tokens only) is created here on the sequence's first penalised step.
+"""
+import math
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+
+from nanovllm.sample.draw import draw_key
+from nanovllm.sampling_params import SamplingParams
+
+
+class SamplingSequence(Protocol):
+    """What the sampler reads of a sequence (the engine's Sequence)."""
+    sampling_params: SamplingParams
+    seed: int | None                   # None: the step's random stream
+    token_ids: list[int]
+    num_prompt_tokens: int
+    all_stop_token_ids: frozenset[int]  # masked while below min_tokens
+    sampling_state: Any                 # the sampler's SequenceState, None until first needed
+
+    @property
+    def num_tokens(self) -> int: ...
+
+    @property
+    def num_completion_tokens(self) -> int: ...
+
+
+class SequenceState:
+    """Sampler-side state of one sequence (rank 0): its token ids as a numpy array."""
+    __slots__ = ("mirror", "num_mirrored")
+
+    def __init__(self):
+        self.mirror = np.empty(0, dtype=np.int64)
+        self.num_mirrored = 0
+
+    def token_ids(self, seq: SamplingSequence) -> np.ndarray:
+        """All of `seq`'s token ids, copying only those appended since the last call."""
+        n = seq.num_tokens
+        if n > len(self.mirror):
+            grown = np.empty(max(n, 2 * len(self.mirror), 64), dtype=np.int64)
+            grown[:self.num_mirrored] = self.mirror[:self.num_mirrored]
+            self.mirror = grown
+        if n == self.num_mirrored + 1:  # the usual case: one new token
+            self.mirror[n - 1] = seq.token_ids[-1]
+        else:
+            self.mirror[self.num_mirrored:n] = seq.token_ids[self.num_mirrored:n]
+        self.num_mirrored = n
+        return self.mirror[:n]
+
+
+@dataclass
+class SamplingMetadata:
+    """One step's sampling settings on the device (int64 / float32 tensors) and the few host-side
+    facts that decide which stages run."""
+    num_rows: int
+    plain: bool                 # every row uses temperature alone
+    max_top_k: int              # the largest top-k of threshold_rows (0: none)
+    max_logprobs: int           # the largest k of logprob_rows
+    any_repetition: bool        # a penalised row has a repetition penalty
+    logprob_rows_host: list[int]
+    temperatures: torch.Tensor  # [num_rows] float32, 0: greedy
+    # rows with top-k (top-p among the top-k) or min-p: their thresholds come from one selection
+    threshold_rows: torch.Tensor
+    top_ks: torch.Tensor           # 0: no top-k
+    top_k_top_ps: torch.Tensor     # inf: no top-p
+    log_min_ps: torch.Tensor       # -inf: no min-p
+    # top-p without top-k: these rows are sorted
+    top_p_rows: torch.Tensor
+    top_ps: torch.Tensor
+    # rows that penalties or min_tokens change (copied to float32, see logits.py); the stages
+    # that change them name them by slot (index into patched_rows)
+    patched_rows: torch.Tensor
+    patched_index: torch.Tensor    # [num_rows] each row's slot, -1: unpatched; empty when none is
+    penalty_slots: torch.Tensor
+    presence_penalties: torch.Tensor
+    frequency_penalties: torch.Tensor
+    repetition_penalties: torch.Tensor
+    output_starts: torch.Tensor    # [num_penalised + 1]: penalised slot i's output tokens are
+    output_token_ids: torch.Tensor  # output_token_ids[output_starts[i]:output_starts[i + 1]]
+    prompt_starts: torch.Tensor    # likewise its prompt tokens (none without a repetition penalty)
+    prompt_token_ids: torch.Tensor
+    suppressed_slots: torch.Tensor  # min_tokens: (slot, token id) pairs set to -inf
+    suppressed_ids: torch.Tensor
+    keys: torch.Tensor             # [num_rows] noise keys; empty without seeded rows (see draw.py)
+    logprob_rows: torch.Tensor
+
+    @classmethod
+    def build(cls, seqs: list[SamplingSequence], device: torch.device, base_key: int) -> "SamplingMetadata":
+        """The settings of `seqs` (one per logits row, in row order). `base_key`: the step's noise
+        key of unseeded rows (row r draws with base_key + r)."""
+        host = _HostLists()
+        for row, seq in enumerate(seqs):
+            host.add(row, seq)
+        return host.upload(len(seqs), device, base_key)
+
+
+@dataclass
+class _HostLists:
+    """SamplingMetadata's contents as host lists, while they are collected."""
+    temperatures: list[float] = field(default_factory=list)
+    threshold_rows: list[int] = field(default_factory=list)
+    top_ks: list[int] = field(default_factory=list)
+    top_k_top_ps: list[float] = field(default_factory=list)
+    log_min_ps: list[float] = field(default_factory=list)
+    top_p_rows: list[int] = field(default_factory=list)
+    top_ps: list[float] = field(default_factory=list)
+    patched_rows: list[int] = field(default_factory=list)
+    penalty_slots: list[int] = field(default_factory=list)
+    presence_penalties: list[float] = field(default_factory=list)
+    frequency_penalties: list[float] = field(default_factory=list)
+    repetition_penalties: list[float] = field(default_factory=list)
+    output_token_ids: list[np.ndarray] = field(default_factory=list)
+    prompt_token_ids: list[np.ndarray] = field(default_factory=list)
+    suppressed_slots: list[int] = field(default_factory=list)
+    suppressed_ids: list[int] = field(default_factory=list)
+    seeded_rows: list[int] = field(default_factory=list)
+    seeded_keys: list[int] = field(default_factory=list)
+    logprob_rows: list[int] = field(default_factory=list)
+    max_top_k: int = 0
+    max_logprobs: int = 0
+    plain: bool = True
+
+    def add(self, row: int, seq: SamplingSequence):
+        p = seq.sampling_params
+        self.temperatures.append(p.temperature)
+        if p.temperature_only:
+            return
+        self.plain = False
+        if p.top_k > 0 or p.min_p > 0:
+            self.threshold_rows.append(row)
+            self.top_ks.append(max(p.top_k, 0))
+            self.top_k_top_ps.append(p.top_p if p.top_k > 0 and p.top_p < 1 else math.inf)
+            self.log_min_ps.append(math.log(p.min_p) if p.min_p > 0 else -math.inf)
+            self.max_top_k = max(self.max_top_k, p.top_k)
+        if p.top_k <= 0 and p.top_p < 1:
+            self.top_p_rows.append(row)
+            self.top_ps.append(p.top_p)
+        if seq.seed is not None:
+            self.seeded_rows.append(row)
+            self.seeded_keys.append(draw_key(seq.seed, seq.num_completion_tokens))
+        penalised = bool(p.presence_penalty or p.frequency_penalty or p.repetition_penalty != 1)
+        suppressing = seq.num_completion_tokens < p.min_tokens and bool(seq.all_stop_token_ids)
+        slot = len(self.patched_rows)
+        if penalised or suppressing:
+            self.patched_rows.append(row)
+        if penalised:
+            if seq.sampling_state is None:
+                seq.sampling_state = SequenceState()
+            token_ids = seq.sampling_state.token_ids(seq)
+            self.penalty_slots.append(slot)
+            self.presence_penalties.append(p.presence_penalty)
+            self.frequency_penalties.append(p.frequency_penalty)
+            self.repetition_penalties.append(p.repetition_penalty)
+            self.output_token_ids.append(token_ids[seq.num_prompt_tokens:])
+            self.prompt_token_ids.append(token_ids[:seq.num_prompt_tokens if p.repetition_penalty != 1 else 0])
+        if suppressing:
+            self.suppressed_slots.extend([slot] * len(seq.all_stop_token_ids))
+            self.suppressed_ids.extend(seq.all_stop_token_ids)
+        if p.logprobs is not None:
+            self.logprob_rows.append(row)
+            self.max_logprobs = max(self.max_logprobs, p.logprobs)
+
+    def upload(self, num_rows: int, device: torch.device, base_key: int) -> SamplingMetadata:
+        """One copy of all ints, one of all floats. The penalties' token ids travel once each,
+        with where each slot's tokens start."""
+        output_starts = np.cumsum([0] + [len(a) for a in self.output_token_ids])
+        prompt_starts = np.cumsum([0] + [len(a) for a in self.prompt_token_ids])
+        keys = np.empty(0, np.int64)
+        if self.seeded_rows:
+            keys = np.arange(base_key, base_key + num_rows, dtype=np.int64)
+            keys[self.seeded_rows] = self.seeded_keys
+        patched_index = np.empty(0, np.int64)
+        if self.patched_rows:
+            patched_index = np.full(num_rows, -1, np.int64)
+            patched_index[self.patched_rows] = np.arange(len(self.patched_rows))
+        ints = dict(threshold_rows=self.threshold_rows, top_ks=self.top_ks, top_p_rows=self.top_p_rows,
+                    patched_rows=self.patched_rows, patched_index=patched_index, penalty_slots=self.penalty_slots,
+                    output_starts=output_starts, output_token_ids=_concat(self.output_token_ids),
+                    prompt_starts=prompt_starts, prompt_token_ids=_concat(self.prompt_token_ids),
+                    suppressed_slots=self.suppressed_slots, suppressed_ids=self.suppressed_ids, keys=keys,
+                    logprob_rows=self.logprob_rows)
+        floats = dict(temperatures=self.temperatures, top_k_top_ps=self.top_k_top_ps, log_min_ps=self.log_min_ps,
+                      top_ps=self.top_ps, presence_penalties=self.presence_penalties,
+                      frequency_penalties=self.frequency_penalties, repetition_penalties=self.repetition_penalties)
+        int_host = torch.from_numpy(np.concatenate([np.asarray(v, np.int64) for v in ints.values()]))
+        float_host = torch.tensor([x for v in floats.values() for x in v], dtype=torch.float32)
+        tensors = dict(zip(ints, upload(int_host, device).split([len(v) for v in ints.values()])))
+        tensors.update(zip(floats, upload(float_host, device).split([len(v) for v in floats.values()])))
+        return SamplingMetadata(num_rows, self.plain, self.max_top_k, self.max_logprobs,
+                                any(r != 1 for r in self.repetition_penalties), self.logprob_rows, **tensors)
+
+
+def _concat(arrays: list[np.ndarray]) -> np.ndarray:
+    return np.concatenate(arrays) if arrays else np.empty(0, np.int64)
+
+
+_upload_streams: dict[torch.device, torch.cuda.Stream] = {}
+
+
+def upload(host: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """`host` on `device`. On CUDA the copy runs on a stream of its own, so that it overlaps the
+    forward queued before it instead of waiting for it; the current stream waits for the copy."""
+    if device.type != "cuda":
+        return host
+    if not host.numel():  # a plain step's ints: nothing to copy
+        return torch.empty(0, dtype=host.dtype, device=device)
+    stream = _upload_streams.get(device)
+    if stream is None:
+        stream = _upload_streams[device] = torch.cuda.Stream(device)
+    host, current = host.pin_memory(), torch.cuda.current_stream(device)
+    with torch.cuda.stream(stream):
+        on_device = host.to(device, non_blocking=True)
+    current.wait_stream(stream)
+    on_device.record_stream(current)  # its memory is the upload stream's: not reused while current reads it
+    return on_device

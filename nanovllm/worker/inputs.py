@@ -1,0 +1,115 @@
+"""A scheduled step -> the model's inputs: host lists (`StepInput`, what every rank receives), then
+device tensors and the attention metadata.
+
+Slot mapping: token position p of a sequence lives in cache slot
+block_table[p // block_size] * block_size + p % block_size. Prefill computes tokens
+[num_cached_tokens, num_cached_tokens + num_scheduled_tokens) of each sequence; a sequence whose
+step reaches its last token yields a logits row (`logits_indices`). Decode computes the last
+token of each sequence.
+"""
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import numpy as np
+import torch
+
+from nanovllm.attention import AttentionMetadata
+
+
+class ScheduledSequence(Protocol):
+    """What the step's inputs read of a sequence (the engine's Sequence)."""
+    token_ids: list[int]
+    block_table: list[int]
+    num_cached_tokens: int      # tokens whose K/V are in the cache
+    num_scheduled_tokens: int   # tokens this step computes
+
+    @property
+    def num_tokens(self) -> int: ...
+
+    @property
+    def is_prefill_complete_after_step(self) -> bool: ...  # the step reaches the last token
+
+
+@dataclass
+class StepInput:
+    """One forward step, as host lists (cheap to pickle to the workers)."""
+    is_prefill: bool
+    input_ids: list[int]
+    positions: list[int]
+    slot_mapping: list[int]
+    block_tables: list[list[int]] | None      # None for a prefill with no cached prefix
+    cu_seqlens_q: list[int] = field(default_factory=list)  # prefill only
+    cu_seqlens_k: list[int] = field(default_factory=list)  # prefill only
+    context_lens: list[int] = field(default_factory=list)  # decode only
+    logits_indices: list[int] = field(default_factory=list)  # rows that produce a next token
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.input_ids)
+
+
+def _slots(seq: ScheduledSequence, start: int, end: int, block_size: int) -> list[int]:
+    """Cache slots of the tokens at positions [start, end) of `seq`."""
+    slots = []
+    for i in range(start // block_size, (end + block_size - 1) // block_size):
+        base = seq.block_table[i] * block_size - i * block_size
+        slots.extend(range(base + max(start, i * block_size), base + min(end, (i + 1) * block_size)))
+    return slots
+
+
+def prepare_step(seqs: list[ScheduledSequence], is_prefill: bool, block_size: int) -> StepInput:
+    if not is_prefill:
+        return StepInput(
+            is_prefill=False,
+            input_ids=[seq.token_ids[-1] for seq in seqs],
+            positions=[seq.num_tokens - 1 for seq in seqs],
+            slot_mapping=[_slots(seq, seq.num_tokens - 1, seq.num_tokens, block_size)[0] for seq in seqs],
+            block_tables=[seq.block_table for seq in seqs],
+            context_lens=[seq.num_tokens for seq in seqs],
+            logits_indices=list(range(len(seqs))))
+    step = StepInput(is_prefill=True, input_ids=[], positions=[], slot_mapping=[], block_tables=None,
+                     cu_seqlens_q=[0], cu_seqlens_k=[0])
+    for seq in seqs:
+        start, end = seq.num_cached_tokens, seq.num_cached_tokens + seq.num_scheduled_tokens
+        step.input_ids.extend(seq.token_ids[start:end])
+        step.positions.extend(range(start, end))
+        step.slot_mapping.extend(_slots(seq, start, end, block_size))
+        step.cu_seqlens_q.append(step.cu_seqlens_q[-1] + end - start)
+        step.cu_seqlens_k.append(step.cu_seqlens_k[-1] + end)
+        if end == seq.num_tokens:
+            step.logits_indices.append(step.cu_seqlens_q[-1] - 1)
+    if any(seq.num_cached_tokens for seq in seqs):  # attend over cached prefixes too
+        step.block_tables = [seq.block_table for seq in seqs]
+    return step
+
+
+def upload_ints(device: torch.device, *arrays: list[int]) -> list[torch.Tensor]:
+    """Several int lists to the device in one host-to-device copy, as int64 slices."""
+    host = torch.from_numpy(np.concatenate([np.asarray(a, dtype=np.int64) for a in arrays]))
+    if device.type == "cuda":
+        host = host.pin_memory().to(device, non_blocking=True)
+    return list(host.split([len(a) for a in arrays]))
+
+
+def padded_tables(tables: list[list[int]]) -> list[int]:
+    """Block tables as one flat row-major list, rows padded with block 0 (never read)."""
+    width = max(len(t) for t in tables)
+    return [b for t in tables for b in (t + [0] * (width - len(t)))]
+
+
+def eager_inputs(step: StepInput, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata]:
+    """(input_ids, positions, attention metadata) of an eager forward, in one upload."""
+    lengths = (step.cu_seqlens_q, step.cu_seqlens_k) if step.is_prefill else (step.context_lens,)
+    tables = padded_tables(step.block_tables) if step.block_tables else []
+    input_ids, positions, slot_mapping, flat_tables, *lens = upload_ints(
+        device, step.input_ids, step.positions, step.slot_mapping, tables, *lengths)
+    meta = AttentionMetadata(
+        is_prefill=step.is_prefill, slot_mapping=slot_mapping.int(),
+        block_tables=flat_tables.int().view(len(step.block_tables), -1) if tables else None)
+    if step.is_prefill:
+        meta.cu_seqlens_q, meta.cu_seqlens_k = lens[0].int(), lens[1].int()
+        meta.max_seqlen_q = max(b - a for a, b in zip(step.cu_seqlens_q, step.cu_seqlens_q[1:]))
+        meta.max_seqlen_k = max(b - a for a, b in zip(step.cu_seqlens_k, step.cu_seqlens_k[1:]))
+    else:
+        meta.context_lens = lens[0].int()
+    return input_ids, positions, meta

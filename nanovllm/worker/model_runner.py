@@ -1,0 +1,184 @@
+"""Runs the model on one tensor-parallel rank: builds and loads it, sizes and binds the KV cache,
+executes steps (decode from CUDA graphs where captured), and on rank 0 samples.
+
+On construction: the model and its weights, then the KV cache, sized on the GPU from
+`gpu_memory_utilization` after a warm-up forward of the largest prefill batch, on the CPU from
+`cpu_kvcache_space_gib` (`num_gpu_blocks_override` wins over both; every rank agrees on the
+smallest count), then the CUDA graphs (on the GPU unless `enforce_eager`). Collectives go over
+NCCL on the GPU and gloo on the CPU.
+"""
+import logging
+
+import torch
+import torch.distributed as dist
+
+from nanovllm.attention import PAD_SLOT_ID, Attention, forward_context, select_attention_backend
+from nanovllm.config import Config
+from nanovllm.layers.compilable import CompilableOp
+from nanovllm.models import get_model_class
+from nanovllm.sample.metadata import SamplingSequence
+from nanovllm.sample.sampler import SampledTokens, Sampler
+from nanovllm.utils.loader import load_dummy_weights, load_model
+from nanovllm.worker.cuda_graph import CUDAGraphRunner
+from nanovllm.worker.inputs import StepInput, eager_inputs, upload_ints
+
+logger = logging.getLogger(__name__)
+
+
+class ModelRunner:
+
+    def __init__(self, config: Config, rank: int, port: int):
+        """`port`: the rendezvous port of the process group (tensor_parallel_size > 1)."""
+        self.config = config
+        self.rank = rank
+        self.world_size = config.tensor_parallel_size
+        self.block_size = config.kvcache_block_size
+        self.device = torch.device("cuda", rank) if config.device_type == "cuda" else torch.device("cpu")
+        if self.device.type == "cuda":
+            torch.cuda.set_device(self.device)
+        if self.world_size > 1:
+            backend = "nccl" if self.device.type == "cuda" else "gloo"
+            dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}",
+                                    world_size=self.world_size, rank=rank, device_id=self.device
+                                    if self.device.type == "cuda" else None)
+        try:
+            self._build(config)
+        except BaseException:
+            if dist.is_initialized():  # leave no half-made process group in the caller's process
+                dist.destroy_process_group()
+            raise
+        if self.world_size > 1:
+            dist.barrier()
+
+    def _build(self, config: Config):
+        """Model, weights, sampler, KV cache and CUDA graphs of this rank."""
+        hf_config = config.hf_config
+        torch.manual_seed(config.seed)
+        default_dtype = torch.get_default_dtype()
+        torch.set_default_dtype(config.torch_dtype)
+        try:
+            with torch.device(self.device):
+                self.model = get_model_class(hf_config)(hf_config)
+            if config.load_format == "dummy":
+                load_dummy_weights(self.model, config.seed)
+            else:
+                load_model(self.model, config.model)
+        finally:
+            torch.set_default_dtype(default_dtype)
+        self.model.eval()
+        use_cuda_graphs = self.device.type == "cuda" and not config.enforce_eager
+        if use_cuda_graphs:
+            for module in self.model.modules():
+                if isinstance(module, CompilableOp):
+                    module.use_compiled()
+        self.sampler = None
+        if self.rank == 0:
+            self.sampler = Sampler(config.seed)
+            self.sampler.warm_up(hf_config.vocab_size, config.torch_dtype, self.device)
+        self.attention_layers = [m for m in self.model.modules() if isinstance(m, Attention)]
+        self.attention_backend = select_attention_backend("auto", self.device.type, self.block_size)
+        for layer in self.attention_layers:
+            layer.bind(self.attention_backend)
+        self.num_kvcache_blocks = self._num_kvcache_blocks()
+        self._allocate_kv_cache(self.num_kvcache_blocks)
+        self.graph_runner = None
+        if use_cuda_graphs:
+            self.graph_runner = CUDAGraphRunner(self.model, config.graph_batch_sizes,
+                                                -(-config.max_model_len // self.block_size), hf_config.hidden_size,
+                                                config.torch_dtype, self.device)
+
+    def exit(self):
+        """Release the graphs, the cache, the model and the process group."""
+        if self.graph_runner is not None:
+            self.graph_runner.release()
+            self.graph_runner = None
+        for layer in self.attention_layers:
+            layer.bind(self.attention_backend)
+        self.kv_cache = None
+        self.model = None
+        if dist.is_initialized():
+            dist.destroy_process_group()
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            torch.cuda.empty_cache()
+
+    # ---- KV cache --------------------------------------------------------------------------
+
+    def _block_bytes(self) -> int:
+        layer = self.attention_layers[0]
+        itemsize = torch.empty((), dtype=self.config.torch_dtype).element_size()
+        return 2 * len(self.attention_layers) * self.block_size * layer.num_kv_heads * layer.head_dim * itemsize
+
+    def _num_kvcache_blocks(self) -> int:
+        config = self.config
+        if self.device.type == "cuda":
+            self._warmup()  # also gives a true peak for sizing, even with an override
+        if config.num_gpu_blocks_override is not None:
+            num_blocks = config.num_gpu_blocks_override
+        elif self.device.type == "cpu":
+            num_blocks = int(config.cpu_kvcache_space_gib * (1 << 30)) // self._block_bytes()
+        else:
+            free, total = torch.cuda.mem_get_info(self.device)
+            stats = torch.cuda.memory_stats(self.device)
+            activation_peak = stats["allocated_bytes.all.peak"] - stats["allocated_bytes.all.current"]
+            budget = total * config.gpu_memory_utilization - (total - free) - activation_peak
+            num_blocks = int(budget) // self._block_bytes()
+        if self.world_size > 1:  # every rank must agree on the block count
+            n = torch.tensor([num_blocks], device=self.device)
+            dist.all_reduce(n, op=dist.ReduceOp.MIN)
+            num_blocks = int(n.item())
+        if num_blocks < 1:
+            raise ValueError(f"no memory is left for the KV cache (gpu_memory_utilization="
+                             f"{config.gpu_memory_utilization}); raise it or lower max_num_batched_tokens.")
+        return num_blocks
+
+    def _allocate_kv_cache(self, num_blocks: int):
+        layer = self.attention_layers[0]
+        # [2 (k, v), num_layers, num_blocks, block_size, num_kv_heads, head_dim]
+        shape = (2, len(self.attention_layers), num_blocks, self.block_size, layer.num_kv_heads, layer.head_dim)
+        # Zeros on the CPU: the reference attention reads whole padded blocks, masked, and masked
+        # garbage could still be NaN. flash-attn reads only valid rows.
+        alloc = torch.zeros if self.device.type == "cpu" else torch.empty
+        self.kv_cache = alloc(shape, dtype=self.config.torch_dtype, device=self.device)
+        for i, layer in enumerate(self.attention_layers):
+            layer.bind(self.attention_backend, self.kv_cache[0, i], self.kv_cache[1, i])
+
+    @torch.inference_mode()
+    def _warmup(self):
+        """A forward of the largest prefill batch, so the activation peak can be measured."""
+        config = self.config
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(self.device)
+        seq_len = min(config.max_model_len, config.max_num_batched_tokens)
+        num_seqs = max(1, min(config.max_num_batched_tokens // seq_len, config.max_num_seqs))
+        cu = [i * seq_len for i in range(num_seqs + 1)]
+        step = StepInput(is_prefill=True, input_ids=[0] * cu[-1], positions=list(range(seq_len)) * num_seqs,
+                         slot_mapping=[PAD_SLOT_ID] * cu[-1], block_tables=None, cu_seqlens_q=cu,
+                         cu_seqlens_k=cu, logits_indices=[c - 1 for c in cu[1:]])
+        self.execute_model(step)
+        torch.cuda.synchronize(self.device)
+
+    # ---- execution -------------------------------------------------------------------------
+
+    @torch.inference_mode()
+    def execute_model(self, step: StepInput) -> torch.Tensor | None:
+        """The forward of `step` (every rank): [num_logits_rows, vocab_size] logits on rank 0;
+        None on the other ranks and when no sequence completes its prompt."""
+        if self.graph_runner is not None and self.graph_runner.can_run(step):
+            hidden_states = self.graph_runner.replay(step)
+        else:
+            input_ids, positions, meta = eager_inputs(step, self.device)
+            with forward_context(meta):
+                hidden_states = self.model(input_ids, positions)
+        if not step.logits_indices:
+            return None
+        if step.is_prefill:
+            hidden_states = hidden_states[upload_ints(self.device, step.logits_indices)[0]]
+        return self.model.compute_logits(hidden_states)
+
+    @torch.inference_mode()
+    def sample(self, logits: torch.Tensor | None, seqs: list[SamplingSequence]) -> SampledTokens:
+        """Rank 0: one token per logits row (row i for seqs[i]), on the host."""
+        if logits is None:
+            return SampledTokens([])
+        return self.sampler(logits, seqs).tolist()

@@ -1,0 +1,43 @@
+"""Step inputs (worker/inputs.py) built from scheduled sequences, exactly: slot mapping across
+blocks, cu_seqlens of a prefill with a cached prefix and a chunked prompt, decode rows. What
+travels to the worker processes is plain lists: no sequence, no sampling state."""
+import pickle
+
+from nanovllm.engine.sequence import Sequence
+from nanovllm.sampling_params import SamplingParams
+from nanovllm.worker.inputs import prepare_step
+
+
+def _seq(seq_id: int, num_tokens: int, block_table: list[int], cached: int, scheduled: int) -> Sequence:
+    seq = Sequence(seq_id, list(range(100, 100 + num_tokens)), SamplingParams(presence_penalty=1.0, seed=3))
+    seq.block_table, seq.num_cached_tokens, seq.num_scheduled_tokens = block_table, cached, scheduled
+    return seq
+
+
+def test_prefill_with_cached_prefix_and_chunk():
+    a = _seq(0, 6, [7, 2], cached=4, scheduled=2)    # block size 4: prefix of one block cached, completes
+    b = _seq(1, 10, [5, 1, 9], cached=0, scheduled=5)  # chunked: 5 of 10 tokens, no logits row
+    step = prepare_step([a, b], is_prefill=True, block_size=4)
+    assert step.input_ids == [104, 105, 100, 101, 102, 103, 104]
+    assert step.positions == [4, 5, 0, 1, 2, 3, 4]
+    assert step.slot_mapping == [2 * 4 + 0, 2 * 4 + 1, 5 * 4, 5 * 4 + 1, 5 * 4 + 2, 5 * 4 + 3, 1 * 4]
+    assert step.cu_seqlens_q == [0, 2, 7] and step.cu_seqlens_k == [0, 6, 11]
+    assert step.logits_indices == [1]
+    assert step.block_tables == [[7, 2], [5, 1, 9]]  # a cached prefix: attend through the tables
+
+
+def test_decode_rows_and_no_tables_without_a_cached_prefix():
+    step = prepare_step([_seq(0, 3, [4], cached=0, scheduled=3)], is_prefill=True, block_size=4)
+    assert step.block_tables is None and step.logits_indices == [2]
+    a, b = _seq(0, 9, [3, 8, 6], cached=8, scheduled=1), _seq(1, 4, [2], cached=3, scheduled=1)
+    step = prepare_step([a, b], is_prefill=False, block_size=4)
+    assert step.input_ids == [108, 103] and step.positions == [8, 3]
+    assert step.slot_mapping == [6 * 4, 2 * 4 + 3] and step.context_lens == [9, 4]
+    assert step.logits_indices == [0, 1]
+
+
+def test_step_input_carries_no_sequence():
+    a = _seq(0, 9, [3, 8, 6], cached=8, scheduled=1)
+    a.sampling_state = object()  # rank 0's sampler state must never travel
+    data = pickle.dumps(prepare_step([a], is_prefill=False, block_size=4))
+    assert b"Sequence" not in data and b"SamplingParams" not in data
