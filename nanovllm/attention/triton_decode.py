@@ -69,13 +69,13 @@ def cache_rows(table_row_ptr, start, length, PAGE: tl.constexpr, BLOCK_N: tl.con
 @triton.jit
 def _decode_kernel(q_ptr, q_stride_s, q_stride_h, k_cache_ptr, v_cache_ptr, k_scales_ptr, v_scales_ptr,
                    block_tables_ptr, table_stride, context_lens_ptr, out_ptr, part_out_ptr, part_lse_ptr, qk_scale,
-                   KV_HEADS: tl.constexpr, GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr,
-                   PAGE: tl.constexpr, BLOCK_N: tl.constexpr, TILES_PER_SPLIT: tl.constexpr,
-                   NUM_SPLITS: tl.constexpr, FP8: tl.constexpr, PRECISION: tl.constexpr):
+                   split_len, KV_HEADS: tl.constexpr, GROUP: tl.constexpr, GROUP_PAD: tl.constexpr,
+                   HEAD_DIM: tl.constexpr, PAGE: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT: tl.constexpr,
+                   FP8: tl.constexpr, PRECISION: tl.constexpr):
     seq, kv_head, split = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     context_len = tl.load(context_lens_ptr + seq)
-    start = split * (TILES_PER_SPLIT * BLOCK_N)
-    end = tl.minimum(start + TILES_PER_SPLIT * BLOCK_N, context_len)  # <= start: nothing to do
+    start = split * split_len  # split_len: keys per split, a multiple of BLOCK_N
+    end = tl.minimum(start + split_len, context_len)  # <= start: nothing to do
 
     g = tl.arange(0, GROUP_PAD)
     d = tl.arange(0, HEAD_DIM)
@@ -112,26 +112,26 @@ def _decode_kernel(q_ptr, q_stride_s, q_stride_h, k_cache_ptr, v_cache_ptr, k_sc
 
     out = acc / tl.where(l == 0.0, 1.0, l)[:, None]  # an empty split (or context 0) gives zeros
     head_mask = (g < GROUP)[:, None]
-    if NUM_SPLITS == 1:
+    if not SPLIT:
         out_offsets = (seq * KV_HEADS * GROUP + heads[:, None]) * HEAD_DIM + d[None, :]
         tl.store(out_ptr + out_offsets, out.to(out_ptr.dtype.element_ty), mask=head_mask)
-    else:  # workspace [num_seqs, num_heads, NUM_SPLITS, (HEAD_DIM)]
-        part = (seq * KV_HEADS * GROUP + heads) * NUM_SPLITS + split  # [GROUP_PAD]
+    else:  # workspace [num_seqs, num_heads, num_splits, (HEAD_DIM)]
+        part = (seq * KV_HEADS * GROUP + heads) * tl.num_programs(2) + split  # [GROUP_PAD]
         tl.store(part_out_ptr + part[:, None] * HEAD_DIM + d[None, :], out, mask=head_mask)
         tl.store(part_lse_ptr + part, m + tl.log2(l), mask=g < GROUP)  # -inf when empty
 
 
 @triton.jit
-def _merge_kernel(part_out_ptr, part_lse_ptr, out_ptr, NUM_SPLITS: tl.constexpr, SPLITS_PAD: tl.constexpr,
+def _merge_kernel(part_out_ptr, part_lse_ptr, out_ptr, num_splits, SPLITS_PAD: tl.constexpr,
                   HEAD_DIM: tl.constexpr):
     row = tl.program_id(0)  # seq * num_heads + head
     s = tl.arange(0, SPLITS_PAD)
     d = tl.arange(0, HEAD_DIM)
-    lse = tl.load(part_lse_ptr + row * NUM_SPLITS + s, mask=s < NUM_SPLITS, other=float("-inf"))
+    lse = tl.load(part_lse_ptr + row * num_splits + s, mask=s < num_splits, other=float("-inf"))
     m = tl.max(lse, axis=0)
     w = tl.exp2(lse - tl.where(m == float("-inf"), 0.0, m))  # empty splits weigh 0
-    parts = tl.load(part_out_ptr + (row * NUM_SPLITS + s)[:, None] * HEAD_DIM + d[None, :],
-                    mask=(s < NUM_SPLITS)[:, None], other=0.0)  # [SPLITS_PAD, HEAD_DIM]
+    parts = tl.load(part_out_ptr + (row * num_splits + s)[:, None] * HEAD_DIM + d[None, :],
+                    mask=(s < num_splits)[:, None], other=0.0)  # [SPLITS_PAD, HEAD_DIM]
     total = tl.sum(w, axis=0)
     out = tl.sum(parts * w[:, None], axis=0) / tl.where(total == 0.0, 1.0, total)
     tl.store(out_ptr + row * HEAD_DIM + d, out.to(out_ptr.dtype.element_ty))
@@ -195,9 +195,9 @@ def paged_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, 
     scales = (k_scales, v_scales) if fp8 else (k_cache, v_cache)  # unused pointers when not FP8
     _decode_kernel[(num_seqs, num_kv_heads, num_splits)](
         q, q.stride(0), q.stride(1), k_cache, v_cache, *scales, block_tables, block_tables.stride(0), context_lens,
-        out, part_out, part_lse, scale * LOG2E, num_kv_heads, group, max(MIN_GROUP_ROWS, triton.next_power_of_2(group)),
-        head_dim, block_size, block_n, tiles_per_split, num_splits, fp8, dot_precision(q.dtype),
-        num_warps=num_warps, num_stages=num_stages)
+        out, part_out, part_lse, scale * LOG2E, tiles_per_split * block_n, num_kv_heads, group,
+        max(MIN_GROUP_ROWS, triton.next_power_of_2(group)), head_dim, block_size, block_n, num_splits > 1, fp8,
+        dot_precision(q.dtype), num_warps=num_warps, num_stages=num_stages)
     if num_splits > 1:
         _merge_kernel[(num_seqs * num_heads,)](part_out, part_lse, out, num_splits,
                                                triton.next_power_of_2(num_splits), head_dim)

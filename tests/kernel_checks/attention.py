@@ -261,3 +261,29 @@ def check(device, block_sizes=(16, 32), head_dims=(64, 128), groups=(1, 2, 4), f
                      splits=decode_splits[:1], block_n=block_n)
         check_prefill(device, block_sizes[0], head_dims[0], groups[-1], dtype, dtype, q_lens=q_lens, cached=cached,
                       block_m=block_m, block_n=block_n)
+
+
+def check_cuda_graph(device="cuda", block_size=16, head_dim=128, group=2, kv_heads=4):
+    """paged_decode captured once in a CUDA graph, then replayed on new queries, context lengths and block
+    tables written into the captured buffers: the grid and workspace must not depend on their values."""
+    g = torch.Generator().manual_seed(1)
+    cached = [1200, 1000, 300, 77]  # keys held per table row
+    replays = [([0, 1, 2, 3], [5, 1000, 0, 77]), ([1, 0, 3, 2], [999, 1200, 77, 0])]  # (table rows, lengths)
+    for cache_dtype in (torch.bfloat16, FP8_DTYPE):
+        k_cache, v_cache, k_scales, v_scales, tables = _paged_cache(cached, block_size, kv_heads, head_dim,
+                                                                    cache_dtype, device, g)
+        q = torch.zeros(len(cached), kv_heads * group, head_dim, dtype=torch.bfloat16, device=device)
+        table_buf, lens_buf = tables.clone(), torch.tensor(cached, dtype=torch.int32, device=device)
+        args = (k_cache, v_cache, table_buf, lens_buf, head_dim ** -0.5, k_scales, v_scales)
+        paged_decode(q, *args)  # compiles outside the capture
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            out = paged_decode(q, *args)
+        for rows, lengths in replays:
+            q.copy_(torch.randn(q.shape, generator=g))
+            table_buf.copy_(tables[rows])
+            lens_buf.copy_(torch.tensor(lengths, dtype=torch.int32))
+            out.fill_(float("nan"))
+            graph.replay()
+            ref = decode_reference(q, *args)
+            _assert_close(out, ref, 1e-2, f"CUDA-graph replay cache={cache_dtype} lengths={lengths}")
