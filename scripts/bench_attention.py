@@ -17,7 +17,7 @@ import torch
 import triton
 
 from nanovllm.attention.kv_store import FP8_DTYPE, quantize_fp8
-from nanovllm.attention.triton_decode import BLOCK_N, NUM_STAGES, NUM_WARPS, decode_splits, paged_decode
+from nanovllm.attention.triton_decode import DECODE_CONFIGS, decode_splits, paged_decode
 from nanovllm.attention.triton_prefill import PREFILL_CONFIGS, paged_prefill
 
 try:
@@ -99,8 +99,9 @@ def bench_decode(sweep: str) -> list[tuple]:
 
         def run(**tunables):
             return lambda: paged_decode(q, k_cache, v_cache, tables, lens, scale, k_scales, v_scales, **tunables)
-        splits, _ = decode_splits(NUM_SEQS, KV_HEADS, tables.shape[1] * block_size, DEVICE)
-        default_config = (BLOCK_N, NUM_WARPS, NUM_STAGES, splits)
+        block_n, num_warps, num_stages = DECODE_CONFIGS[HEAD_DIM]
+        splits, _ = decode_splits(NUM_SEQS, KV_HEADS, tables.shape[1] * block_size, DEVICE, block_n)
+        default_config = (block_n, num_warps, num_stages, splits)
         default_us, ref = graph_us(run())
         best_us, best_config = default_us, default_config
         candidates = [dict(block_n=n, num_warps=w, num_stages=s) for n, w, s in tile_configs]
@@ -116,8 +117,8 @@ def bench_decode(sweep: str) -> list[tuple]:
                 print(f"  {tunables}: MISMATCH, relative error {err:.1e} against the default config")
                 continue
             if us < best_us:
-                config = (tunables.get("block_n", BLOCK_N), tunables.get("num_warps", NUM_WARPS),
-                          tunables.get("num_stages", NUM_STAGES), tunables.get("num_splits", splits))
+                config = (tunables.get("block_n", block_n), tunables.get("num_warps", num_warps),
+                          tunables.get("num_stages", num_stages), tunables.get("num_splits", splits))
                 best_us, best_config = us, config
         flash_us = None
         if flash_attn_with_kvcache is not None and block_size == 256 and not fp8:

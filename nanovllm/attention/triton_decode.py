@@ -2,8 +2,8 @@
 
 Cache layout per layer: k_cache, v_cache [num_blocks, block_size, num_kv_heads, head_dim] (flash-attn's),
 block_size any power of two >= 16; float8_e4m3fn caches carry per-row scales [num_blocks, block_size,
-num_kv_heads] (see kv_store) and are dequantized in registers. Pass 1 runs one program per (sequence,
-kv head, split): it packs the kv head's GROUP query heads as the rows of a tl.dot tile, walks its share of
+num_kv_heads] (see kv_store) and are dequantized in registers. Pass 1 runs one program per (kv head,
+sequence, split): it packs the kv head's GROUP query heads as the rows of a tl.dot tile, walks its share of
 the sequence's keys BLOCK_N at a time through the block table with an online softmax (float32, base 2),
 and writes a partial output and log-sum-exp; pass 2 merges the splits. The grid and the workspace depend
 only on static shapes (num_seqs, block-table width, block_size, SM count), never on context_lens, so the
@@ -21,12 +21,11 @@ HEAD_DIMS = (64, 128, 256)
 QUERY_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 LOG2E = 1.4426950408889634
 
-# Tunables (scripts/bench_attention.py sweeps them).
-BLOCK_N = 64             # keys per tile
-NUM_WARPS = 4
-NUM_STAGES = 3           # tiles in flight (software pipelining of the K/V loads)
-SPLIT_PROGRAMS_PER_SM = 2  # split sequences until num_seqs * num_kv_heads * splits >= this x SM count
-MIN_GROUP_ROWS = 16      # tl.dot needs M >= 16: the query-head group is padded up to this
+# Tunables (scripts/bench_attention.py sweeps them). Per head_dim: BLOCK_N (keys per tile), num_warps,
+# num_stages (tiles in flight: software pipelining of the K/V loads).
+DECODE_CONFIGS = {64: (64, 4, 3), 128: (64, 4, 3), 256: (32, 4, 3)}
+SPLIT_PROGRAMS_PER_SM = 2  # split sequences until num_kv_heads * num_seqs * splits >= this x SM count
+MIN_GROUP_ROWS = 16  # tl.dot needs M >= 16: the query-head group is padded up to this
 
 
 def check_attention_inputs(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
@@ -72,7 +71,7 @@ def _decode_kernel(q_ptr, q_stride_s, q_stride_h, k_cache_ptr, v_cache_ptr, k_sc
                    split_len, KV_HEADS: tl.constexpr, GROUP: tl.constexpr, GROUP_PAD: tl.constexpr,
                    HEAD_DIM: tl.constexpr, PAGE: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT: tl.constexpr,
                    FP8: tl.constexpr, PRECISION: tl.constexpr):
-    seq, kv_head, split = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    kv_head, seq, split = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     context_len = tl.load(context_lens_ptr + seq)
     start = split * split_len  # split_len: keys per split, a multiple of BLOCK_N
     end = tl.minimum(start + split_len, context_len)  # <= start: nothing to do
@@ -144,8 +143,8 @@ def num_sms(device: torch.device) -> int:
     return 4  # the interpreter: a few splits, so that the merge runs
 
 
-def decode_splits(num_seqs: int, num_kv_heads: int, max_context: int, device: torch.device,
-                  block_n: int = BLOCK_N, programs_per_sm: int = SPLIT_PROGRAMS_PER_SM) -> tuple[int, int]:
+def decode_splits(num_seqs: int, num_kv_heads: int, max_context: int, device: torch.device, block_n: int,
+                  programs_per_sm: int = SPLIT_PROGRAMS_PER_SM) -> tuple[int, int]:
     """(num_splits, tiles_per_split) from static shapes only; max_context is the block-table width in
     tokens. Splits until the grid has programs_per_sm x SMs programs, never more splits than tiles."""
     max_tiles = max(1, triton.cdiv(max_context, block_n))
@@ -157,21 +156,24 @@ def decode_splits(num_seqs: int, num_kv_heads: int, max_context: int, device: to
 def paged_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
                  context_lens: torch.Tensor, scale: float, k_scales: torch.Tensor | None = None,
                  v_scales: torch.Tensor | None = None, *, out: torch.Tensor | None = None,
-                 num_splits: int | None = None, block_n: int = BLOCK_N, num_warps: int = NUM_WARPS,
-                 num_stages: int = NUM_STAGES) -> torch.Tensor:
+                 num_splits: int | None = None, block_n: int | None = None, num_warps: int | None = None,
+                 num_stages: int | None = None) -> torch.Tensor:
     """Attention of one query per sequence over its cached keys 0..context_len-1.
 
     q [num_seqs, num_heads, head_dim] (any row stride, last dim contiguous); caches [num_blocks, block_size,
     num_kv_heads, head_dim] of q's dtype or float8_e4m3fn (then k_scales / v_scales [num_blocks, block_size,
     num_kv_heads] float32 are required); block_tables [num_seqs, max_blocks] int32, rows padded with valid
     block ids; context_lens [num_seqs] int32 (0 gives a zero row). Returns [num_seqs, num_heads, head_dim]
-    in q's dtype. num_splits None: decode_splits' choice. No host syncs: CUDA-graph capturable.
+    in q's dtype, written into `out` (contiguous) when given. num_splits None: decode_splits' choice; other
+    tunables None: DECODE_CONFIGS[head_dim]. No host syncs: CUDA-graph capturable.
     Raises ValueError for an unsupported head_dim, dtype or head count."""
     check_attention_inputs(q, k_cache, v_cache, k_scales, v_scales)
     num_seqs, num_heads, head_dim = q.shape
     _, block_size, num_kv_heads, _ = k_cache.shape
     assert block_size >= 16 and block_size & (block_size - 1) == 0, f"block_size {block_size}"
     assert k_cache.is_contiguous() and v_cache.is_contiguous()
+    block_n, num_warps, num_stages = (given if given is not None else default for given, default in
+                                      zip((block_n, num_warps, num_stages), DECODE_CONFIGS[head_dim]))
     assert block_tables.stride(1) == 1 and block_tables.shape[0] == num_seqs == context_lens.shape[0]
     max_tiles = max(1, triton.cdiv(block_tables.shape[1] * block_size, block_n))
     if num_splits is None:
@@ -193,7 +195,8 @@ def paged_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, 
         part_out = part_lse = out  # unused
     fp8 = k_cache.dtype == FP8_DTYPE
     scales = (k_scales, v_scales) if fp8 else (k_cache, v_cache)  # unused pointers when not FP8
-    _decode_kernel[(num_seqs, num_kv_heads, num_splits)](
+    # kv heads fastest: a sequence's programs run together and share its block-table row and scale sectors in L2
+    _decode_kernel[(num_kv_heads, num_seqs, num_splits)](
         q, q.stride(0), q.stride(1), k_cache, v_cache, *scales, block_tables, block_tables.stride(0), context_lens,
         out, part_out, part_lse, scale * LOG2E, tiles_per_split * block_n, num_kv_heads, group,
         max(MIN_GROUP_ROWS, triton.next_power_of_2(group)), head_dim, block_size, block_n, num_splits > 1, fp8,

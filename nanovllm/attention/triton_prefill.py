@@ -63,7 +63,8 @@ def _prefill_kernel(q_ptr, q_stride_t, q_stride_h, k_ptr, k_stride, v_ptr, v_str
                     block_tables_ptr, table_stride, cu_seqlens_q_ptr, cu_seqlens_k_ptr, out_ptr, qk_scale,
                     NUM_HEADS: tl.constexpr, KV_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, PAGE: tl.constexpr,
                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, FP8: tl.constexpr, PRECISION: tl.constexpr):
-    tile_m, seq, head = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    tile_m = tl.num_programs(0) - 1 - tl.program_id(0)  # the longest (last) query tiles start first
+    seq, head = tl.program_id(1), tl.program_id(2)
     q_start = tl.load(cu_seqlens_q_ptr + seq)
     q_len = tl.load(cu_seqlens_q_ptr + seq + 1) - q_start
     if tile_m * BLOCK_M >= q_len:
