@@ -102,8 +102,8 @@ def _prefill_kernel(q_ptr, q_stride_t, q_stride_h, k_ptr, k_stride, v_ptr, v_str
 def paged_prefill(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens_q: torch.Tensor,
                   cu_seqlens_k: torch.Tensor, max_seqlen_q: int, scale: float, block_tables: torch.Tensor | None = None,
                   k_scales: torch.Tensor | None = None, v_scales: torch.Tensor | None = None, *,
-                  out: torch.Tensor | None = None, block_m: int | None = None, block_n: int | None = None, num_warps: int | None = None,
-                  num_stages: int | None = None) -> torch.Tensor:
+                  out: torch.Tensor | None = None, block_m: int | None = None, block_n: int | None = None,
+                  num_warps: int | None = None, num_stages: int | None = None) -> torch.Tensor:
     """Varlen causal attention (flash_attn_varlen_func's causality, see the module docstring).
 
     q [total_q, num_heads, head_dim] (any row stride, last dim contiguous); cu_seqlens_q, cu_seqlens_k
