@@ -54,7 +54,8 @@ if triton is not None:
                 scale = tl.where(amax == 0.0, 1.0, tl.div_rn(amax, tl.full(amax.shape, FP8_MAX, tl.float32)))
                 q = tl.div_rn(x, tl.broadcast_to(scale[:, None], x.shape))
                 q = tl.minimum(tl.maximum(q, -FP8_MAX), FP8_MAX)
-                tl.store(cache_ptr + cache_offsets, q.to(cache_ptr.dtype.element_ty), mask=mask)
+                q = q.to(cache_ptr.dtype.element_ty, fp_downcast_rounding="rtne")
+                tl.store(cache_ptr + cache_offsets, q, mask=mask)
                 head_ids = tl.arange(0, BLOCK_H)
                 tl.store(scales_ptr + slot * KV_HEADS + head_ids, scale, mask=head_ids < KV_HEADS)
             else:
