@@ -1,0 +1,207 @@
+"""Paged decode attention in Triton: split-KV ("flash-decoding"), one query token per sequence.
+
+Cache layout per layer: k_cache, v_cache [num_blocks, block_size, num_kv_heads, head_dim] (flash-attn's),
+block_size any power of two >= 16; float8_e4m3fn caches carry per-row scales [num_blocks, block_size,
+num_kv_heads] (see kv_store) and are dequantized in registers. Pass 1 runs one program per (kv head,
+sequence, split): it packs the kv head's GROUP query heads as the rows of a tl.dot tile, walks its share of
+the sequence's keys BLOCK_N at a time through the block table with an online softmax (float32, base 2),
+and writes a partial output and log-sum-exp; pass 2 merges the splits. The grid and the workspace depend
+only on static shapes (num_seqs, block-table width, block_size, SM count), never on context_lens, so the
+pair is CUDA-graph capturable; rows with context_len 0 (graph padding) read nothing and output zeros.
+"""
+import functools
+
+import torch
+import triton
+import triton.language as tl
+
+from nanovllm.attention.kv_store import FP8_DTYPE
+
+HEAD_DIMS = (64, 128, 256)
+QUERY_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+LOG2E = 1.4426950408889634
+
+# Tunables (scripts/bench_attention.py sweeps them). Per head_dim: BLOCK_N (keys per tile), num_warps,
+# num_stages (tiles in flight: software pipelining of the K/V loads).
+DECODE_CONFIGS = {64: (64, 4, 3), 128: (64, 4, 3), 256: (32, 4, 3)}
+SPLIT_PROGRAMS_PER_SM = 2  # split sequences until num_kv_heads * num_seqs * splits >= this x SM count
+MIN_GROUP_ROWS = 16  # tl.dot needs M >= 16: the query-head group is padded up to this
+
+
+def check_attention_inputs(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                           k_scales: torch.Tensor | None, v_scales: torch.Tensor | None):
+    """ValueError for a head_dim, dtype or head count these kernels do not support."""
+    num_heads, head_dim = q.shape[-2:]
+    num_kv_heads = k_cache.shape[-2]
+    if head_dim not in HEAD_DIMS:
+        raise ValueError(f"head_dim must be one of {HEAD_DIMS}, got {head_dim}")
+    if q.dtype not in QUERY_DTYPES:
+        raise ValueError(f"query dtype must be one of {QUERY_DTYPES}, got {q.dtype}")
+    if k_cache.dtype not in (q.dtype, FP8_DTYPE) or v_cache.dtype != k_cache.dtype:
+        raise ValueError(f"cache dtype must be the query's ({q.dtype}) or {FP8_DTYPE}, got {k_cache.dtype}")
+    if num_heads % num_kv_heads:
+        raise ValueError(f"num_heads ({num_heads}) must be a multiple of num_kv_heads ({num_kv_heads})")
+    if k_cache.dtype == FP8_DTYPE and (k_scales is None or v_scales is None):
+        raise ValueError("a float8_e4m3fn cache needs k_scales and v_scales")
+    assert q.stride(-1) == 1 and v_cache.shape == k_cache.shape and k_cache.shape[-1] == head_dim
+
+
+def dot_precision(dtype: torch.dtype) -> str:
+    return "ieee" if dtype == torch.float32 else "tf32"  # tf32 is the default, unused for 16-bit inputs
+
+
+@triton.jit
+def cache_rows(table_row_ptr, start, length, PAGE: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Flat cache rows (block * PAGE + offset, int64) [BLOCK_N] of key positions start + 0..BLOCK_N-1
+    (start a multiple of BLOCK_N); table entries of positions >= length are not read."""
+    offs = tl.arange(0, BLOCK_N)
+    if PAGE >= BLOCK_N:  # the tile lies within one page: one table entry
+        block = tl.load(table_row_ptr + start // PAGE).to(tl.int64)
+        rows = block * PAGE + (start % PAGE + offs)
+    else:  # the tile spans BLOCK_N // PAGE pages
+        pos = start + offs
+        block = tl.load(table_row_ptr + pos // PAGE, mask=pos < length, other=0).to(tl.int64)
+        rows = block * PAGE + pos % PAGE
+    return rows
+
+
+@triton.jit
+def _decode_kernel(q_ptr, q_stride_s, q_stride_h, k_cache_ptr, v_cache_ptr, k_scales_ptr, v_scales_ptr,
+                   block_tables_ptr, table_stride, context_lens_ptr, out_ptr, part_out_ptr, part_lse_ptr, qk_scale,
+                   split_len, KV_HEADS: tl.constexpr, GROUP: tl.constexpr, GROUP_PAD: tl.constexpr,
+                   HEAD_DIM: tl.constexpr, PAGE: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT: tl.constexpr,
+                   FP8: tl.constexpr, PRECISION: tl.constexpr):
+    kv_head, seq, split = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    context_len = tl.load(context_lens_ptr + seq)
+    start = split * split_len  # split_len: keys per split, a multiple of BLOCK_N
+    end = tl.minimum(start + split_len, context_len)  # <= start: nothing to do
+
+    g = tl.arange(0, GROUP_PAD)
+    d = tl.arange(0, HEAD_DIM)
+    n = tl.arange(0, BLOCK_N)
+    heads = kv_head * GROUP + g  # query heads packed as rows, padded with zero rows
+    q = tl.load(q_ptr + seq * q_stride_s + heads[:, None] * q_stride_h + d[None, :],
+                mask=(g < GROUP)[:, None], other=0.0)  # [GROUP_PAD, HEAD_DIM]
+    m = tl.full([GROUP_PAD], float("-inf"), tl.float32)
+    l = tl.zeros([GROUP_PAD], tl.float32)
+    acc = tl.zeros([GROUP_PAD, HEAD_DIM], tl.float32)
+    table_row = block_tables_ptr + seq.to(tl.int64) * table_stride
+    for tile in range(start, end, BLOCK_N):
+        rows = cache_rows(table_row, tile, context_len, PAGE, BLOCK_N)  # [BLOCK_N]
+        valid = tile + n < context_len
+        offsets = rows[:, None] * (KV_HEADS * HEAD_DIM) + kv_head * HEAD_DIM + d[None, :]
+        k = tl.load(k_cache_ptr + offsets, mask=valid[:, None], other=0.0)  # [BLOCK_N, HEAD_DIM]
+        v = tl.load(v_cache_ptr + offsets, mask=valid[:, None], other=0.0)
+        s = tl.dot(q, tl.trans(k.to(q.dtype)), input_precision=PRECISION)  # [GROUP_PAD, BLOCK_N]
+        if FP8:  # s = (q . k_fp8) * k_scale, column by column
+            k_scale = tl.load(k_scales_ptr + rows * KV_HEADS + kv_head, mask=valid, other=0.0)
+            s = s * (k_scale * qk_scale)[None, :]
+        else:
+            s = s * qk_scale
+        s = tl.where(valid[None, :], s, float("-inf"))
+        m_new = tl.maximum(m, tl.max(s, axis=1))
+        alpha = tl.exp2(m - m_new)
+        p = tl.exp2(s - m_new[:, None])
+        l = l * alpha + tl.sum(p, axis=1)
+        if FP8:  # fold v_scale into P's columns: P @ (v_fp8 * v_scale) = (P * v_scale) @ v_fp8
+            v_scale = tl.load(v_scales_ptr + rows * KV_HEADS + kv_head, mask=valid, other=0.0)
+            p = p * v_scale[None, :]
+        acc = acc * alpha[:, None] + tl.dot(p.to(q.dtype), v.to(q.dtype), input_precision=PRECISION)
+        m = m_new
+
+    out = acc / tl.where(l == 0.0, 1.0, l)[:, None]  # an empty split (or context 0) gives zeros
+    head_mask = (g < GROUP)[:, None]
+    if not SPLIT:
+        out_offsets = (seq * KV_HEADS * GROUP + heads[:, None]) * HEAD_DIM + d[None, :]
+        tl.store(out_ptr + out_offsets, out.to(out_ptr.dtype.element_ty), mask=head_mask)
+    else:  # workspace [num_seqs, num_heads, num_splits, (HEAD_DIM)]
+        part = (seq * KV_HEADS * GROUP + heads) * tl.num_programs(2) + split  # [GROUP_PAD]
+        tl.store(part_out_ptr + part[:, None] * HEAD_DIM + d[None, :], out, mask=head_mask)
+        tl.store(part_lse_ptr + part, m + tl.log2(l), mask=g < GROUP)  # -inf when empty
+
+
+@triton.jit
+def _merge_kernel(part_out_ptr, part_lse_ptr, out_ptr, num_splits, SPLITS_PAD: tl.constexpr,
+                  HEAD_DIM: tl.constexpr):
+    row = tl.program_id(0)  # seq * num_heads + head
+    s = tl.arange(0, SPLITS_PAD)
+    d = tl.arange(0, HEAD_DIM)
+    lse = tl.load(part_lse_ptr + row * num_splits + s, mask=s < num_splits, other=float("-inf"))
+    m = tl.max(lse, axis=0)
+    w = tl.exp2(lse - tl.where(m == float("-inf"), 0.0, m))  # empty splits weigh 0
+    parts = tl.load(part_out_ptr + (row * num_splits + s)[:, None] * HEAD_DIM + d[None, :],
+                    mask=(s < num_splits)[:, None], other=0.0)  # [SPLITS_PAD, HEAD_DIM]
+    total = tl.sum(w, axis=0)
+    out = tl.sum(parts * w[:, None], axis=0) / tl.where(total == 0.0, 1.0, total)
+    tl.store(out_ptr + row * HEAD_DIM + d, out.to(out_ptr.dtype.element_ty))
+
+
+@functools.lru_cache(maxsize=None)
+def num_sms(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return 4  # the interpreter: a few splits, so that the merge runs
+
+
+def decode_splits(num_seqs: int, num_kv_heads: int, max_context: int, device: torch.device, block_n: int,
+                  programs_per_sm: int = SPLIT_PROGRAMS_PER_SM) -> tuple[int, int]:
+    """(num_splits, tiles_per_split) from static shapes only; max_context is the block-table width in
+    tokens. Splits until the grid has programs_per_sm x SMs programs, never more splits than tiles."""
+    max_tiles = max(1, triton.cdiv(max_context, block_n))
+    splits = min(max_tiles, max(1, triton.cdiv(programs_per_sm * num_sms(device), num_seqs * num_kv_heads)))
+    tiles_per_split = triton.cdiv(max_tiles, splits)
+    return triton.cdiv(max_tiles, tiles_per_split), tiles_per_split
+
+
+def paged_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
+                 context_lens: torch.Tensor, scale: float, k_scales: torch.Tensor | None = None,
+                 v_scales: torch.Tensor | None = None, *, out: torch.Tensor | None = None,
+                 num_splits: int | None = None, block_n: int | None = None, num_warps: int | None = None,
+                 num_stages: int | None = None) -> torch.Tensor:
+    """Attention of one query per sequence over its cached keys 0..context_len-1.
+
+    q [num_seqs, num_heads, head_dim] (any row stride, last dim contiguous); caches [num_blocks, block_size,
+    num_kv_heads, head_dim] of q's dtype or float8_e4m3fn (then k_scales / v_scales [num_blocks, block_size,
+    num_kv_heads] float32 are required); block_tables [num_seqs, max_blocks] int32, rows padded with valid
+    block ids; context_lens [num_seqs] int32 (0 gives a zero row). Returns [num_seqs, num_heads, head_dim]
+    in q's dtype, written into `out` (contiguous) when given. num_splits None: decode_splits' choice; other
+    tunables None: DECODE_CONFIGS[head_dim]. No host syncs: CUDA-graph capturable.
+    Raises ValueError for an unsupported head_dim, dtype or head count."""
+    check_attention_inputs(q, k_cache, v_cache, k_scales, v_scales)
+    num_seqs, num_heads, head_dim = q.shape
+    _, block_size, num_kv_heads, _ = k_cache.shape
+    assert block_size >= 16 and block_size & (block_size - 1) == 0, f"block_size {block_size}"
+    assert k_cache.is_contiguous() and v_cache.is_contiguous()
+    block_n, num_warps, num_stages = (given if given is not None else default for given, default in
+                                      zip((block_n, num_warps, num_stages), DECODE_CONFIGS[head_dim]))
+    assert block_tables.stride(1) == 1 and block_tables.shape[0] == num_seqs == context_lens.shape[0]
+    max_tiles = max(1, triton.cdiv(block_tables.shape[1] * block_size, block_n))
+    if num_splits is None:
+        num_splits, tiles_per_split = decode_splits(num_seqs, num_kv_heads, block_tables.shape[1] * block_size,
+                                                    q.device, block_n)
+    else:
+        tiles_per_split = triton.cdiv(max_tiles, num_splits)
+        num_splits = triton.cdiv(max_tiles, tiles_per_split)
+    group = num_heads // num_kv_heads
+    if out is None:
+        out = torch.empty(num_seqs, num_heads, head_dim, dtype=q.dtype, device=q.device)
+    assert out.shape == q.shape and out.dtype == q.dtype and out.is_contiguous()
+    if num_seqs == 0:
+        return out
+    if num_splits > 1:  # [num_seqs, num_heads, num_splits, head_dim], [num_seqs, num_heads, num_splits]
+        part_out = torch.empty(num_seqs, num_heads, num_splits, head_dim, dtype=torch.float32, device=q.device)
+        part_lse = torch.empty(num_seqs, num_heads, num_splits, dtype=torch.float32, device=q.device)
+    else:
+        part_out = part_lse = out  # unused
+    fp8 = k_cache.dtype == FP8_DTYPE
+    scales = (k_scales, v_scales) if fp8 else (k_cache, v_cache)  # unused pointers when not FP8
+    # kv heads fastest: a sequence's programs run together and share its block-table row and scale sectors in L2
+    _decode_kernel[(num_kv_heads, num_seqs, num_splits)](
+        q, q.stride(0), q.stride(1), k_cache, v_cache, *scales, block_tables, block_tables.stride(0), context_lens,
+        out, part_out, part_lse, scale * LOG2E, tiles_per_split * block_n, num_kv_heads, group,
+        max(MIN_GROUP_ROWS, triton.next_power_of_2(group)), head_dim, block_size, block_n, num_splits > 1, fp8,
+        dot_precision(q.dtype), num_warps=num_warps, num_stages=num_stages)
+    if num_splits > 1:
+        _merge_kernel[(num_seqs * num_heads,)](part_out, part_lse, out, num_splits,
+                                               triton.next_power_of_2(num_splits), head_dim)
+    return out
