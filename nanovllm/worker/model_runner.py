@@ -79,9 +79,9 @@ class ModelRunner:
         self.attention_backend = select_attention_backend("auto", self.device.type, self.block_size)
         for layer in self.attention_layers:
             layer.bind(self.attention_backend)
+        self.graph_runner = None  # the warm-up forward below runs eagerly
         self.num_kvcache_blocks = self._num_kvcache_blocks()
         self._allocate_kv_cache(self.num_kvcache_blocks)
-        self.graph_runner = None
         if use_cuda_graphs:
             self.graph_runner = CUDAGraphRunner(self.model, config.graph_batch_sizes,
                                                 -(-config.max_model_len // self.block_size), hf_config.hidden_size,
