@@ -9,11 +9,14 @@ from dataclasses import dataclass, field
 import torch
 from transformers import AutoConfig, PretrainedConfig
 
+from nanovllm.attention import CacheSpec, resolve_attention_backend
+from nanovllm.models.config_utils import head_dim_of
 from nanovllm.utils.hub import resolve_model_path
 
 _DTYPES = {"float32": torch.float32, "float": torch.float32, "float16": torch.float16,
            "half": torch.float16, "bfloat16": torch.bfloat16}
 LOAD_FORMATS = ("auto", "safetensors", "dummy")
+KV_CACHE_DTYPES = ("auto", "fp8", "fp8_e4m3")  # "auto": the model's dtype; "fp8" means e4m3 (vLLM's names)
 # Decode batch sizes captured as CUDA graphs when `cuda_graph_sizes` is not given: small sizes
 # one by one up to 8, then every 16 (a batch is padded up to the next captured size).
 DEFAULT_CUDA_GRAPH_SIZES = (1, 2, 4, 8, *range(16, 513, 16))
@@ -28,7 +31,10 @@ class Config:
     max_num_seqs: int = 512
     max_num_batched_tokens: int = 16384
     gpu_memory_utilization: float = 0.9
-    kvcache_block_size: int = 256
+    block_size: int | None = None  # tokens per KV block; None: the attention backend's default
+    kvcache_block_size: int | None = None  # nano-vllm's name of block_size (an alias)
+    attention_backend: str = "auto"  # "auto", "flash_attn", "triton" or "torch"; resolved at construction
+    kv_cache_dtype: str = "auto"
     enable_prefix_caching: bool = True
     num_gpu_blocks_override: int | None = None
     cpu_kvcache_space_gib: float = 1.0  # KV cache budget when running on the CPU
@@ -48,7 +54,6 @@ class Config:
         _check_int("tensor_parallel_size", self.tensor_parallel_size, 1)
         _check_int("max_num_seqs", self.max_num_seqs, 1)
         _check_int("max_num_batched_tokens", self.max_num_batched_tokens, 1)
-        _check_int("kvcache_block_size", self.kvcache_block_size, 1)
         if self.num_gpu_blocks_override is not None:
             _check_int("num_gpu_blocks_override", self.num_gpu_blocks_override, 1)
         if not 0 < self.gpu_memory_utilization <= 1:
@@ -76,10 +81,33 @@ class Config:
         if limit is not None and self.max_model_len > limit:
             raise ValueError(f"max_model_len={self.max_model_len} exceeds the model's "
                              f"max_position_embeddings={limit}.")
-        if self.device_type == "cuda" and self.kvcache_block_size % 256:
-            raise ValueError(f"kvcache_block_size must be a multiple of 256 on the GPU (flash-attn's paged "
-                             f"KV cache), got {self.kvcache_block_size}.")
         self.torch_dtype  # validates dtype
+        self._resolve_kv_cache()
+
+    def _resolve_kv_cache(self):
+        """Validate block_size (or its alias), kv_cache_dtype and attention_backend; replace "auto"
+        and None by the backend and block size chosen."""
+        block_size = self.block_size
+        if self.kvcache_block_size is not None:
+            if block_size is not None and block_size != self.kvcache_block_size:
+                raise ValueError(f"block_size={block_size} and kvcache_block_size={self.kvcache_block_size} "
+                                 f"differ; kvcache_block_size is an alias of block_size: pass one.")
+            block_size = self.kvcache_block_size
+        if block_size is not None:
+            _check_int("block_size", block_size, 1)
+        if self.kv_cache_dtype not in KV_CACHE_DTYPES:
+            raise ValueError(f"kv_cache_dtype must be one of {KV_CACHE_DTYPES}, got {self.kv_cache_dtype!r}.")
+        spec = CacheSpec(device_type=self.device_type, block_size=block_size, fp8_cache=self.fp8_kv_cache,
+                         head_dim=head_dim_of(self.hf_config),
+                         cuda_graphs=self.device_type == "cuda" and not self.enforce_eager)
+        backend, block_size = resolve_attention_backend(self.attention_backend, spec)
+        object.__setattr__(self, "attention_backend", backend.name)
+        object.__setattr__(self, "block_size", block_size)
+        object.__setattr__(self, "kvcache_block_size", block_size)
+
+    @property
+    def fp8_kv_cache(self) -> bool:
+        return self.kv_cache_dtype in ("fp8", "fp8_e4m3")
 
     @property
     def device_type(self) -> str:

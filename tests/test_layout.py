@@ -7,15 +7,15 @@ import nanovllm
 
 ROOT = os.path.dirname(nanovllm.__file__)
 # Top to bottom. The top-level modules (llm, config, sampling_params, outputs) are placed by what
-# they import: llm.py at the top, config.py above attention (it checks the backend choice), the
-# plain data definitions (sampling_params, outputs) at the bottom with utils.
+# they import: llm.py at the top, config.py above models and attention (it reads the model config
+# and resolves the attention backend), the plain data definitions at the bottom with utils.
 LAYERS = [
     {"llm"},
     {"engine"},
     {"worker"},
+    {"config"},
     {"models"},
     {"sample", "attention", "layers"},
-    {"config"},
     {"utils", "sampling_params", "outputs"},
 ]
 MAX_LINES = 350

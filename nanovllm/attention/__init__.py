@@ -1,8 +1,10 @@
-"""Attention over the paged KV cache: the layer, its per-step metadata, and the backends."""
-from nanovllm.attention.backend import AttentionBackend, select_attention_backend
-from nanovllm.attention.kv_store import PAD_SLOT_ID
+"""Attention over the paged KV cache: the layer, its per-step metadata, the cache store, and the
+backends (flash-attn, Triton, torch)."""
+from nanovllm.attention.backend import (ATTENTION_BACKENDS, AttentionBackend, CacheSpec, backend_class,
+                                        resolve_attention_backend)
+from nanovllm.attention.kv_store import FP8_DTYPE, PAD_SLOT_ID, LayerKVCache
 from nanovllm.attention.layer import Attention
 from nanovllm.attention.metadata import AttentionMetadata, forward_context
 
-__all__ = ["Attention", "AttentionBackend", "AttentionMetadata", "PAD_SLOT_ID", "forward_context",
-           "select_attention_backend"]
+__all__ = ["ATTENTION_BACKENDS", "Attention", "AttentionBackend", "AttentionMetadata", "CacheSpec", "FP8_DTYPE",
+           "LayerKVCache", "PAD_SLOT_ID", "backend_class", "forward_context", "resolve_attention_backend"]

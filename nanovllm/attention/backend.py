@@ -1,51 +1,72 @@
 """The attention backend interface, and the choice of a backend for an engine.
 
 A backend computes attention for one layer over the paged KV cache, after the layer has stored
-this step's K/V there (`kv_store`). Backends hold no per-step state: everything a step needs
-comes in `AttentionMetadata`. `select_attention_backend` resolves the user's `attention_backend`
-option once, at construction; a backend that cannot serve the engine's settings is refused there
-with the reason, never mid-run.
+this step's K/V there (`kv_store`). Backends hold no per-step state: everything a step needs comes
+in `AttentionMetadata`. `resolve_attention_backend` turns the user's `attention_backend`,
+`block_size` and `kv_cache_dtype` into a backend and a block size once, at construction: a backend
+that cannot serve the engine's settings is refused there with the reason, never mid-run.
 """
+from dataclasses import dataclass
+
 import torch
 
+from nanovllm.attention.kv_store import LayerKVCache
 from nanovllm.attention.metadata import AttentionMetadata
+
+ATTENTION_BACKENDS = ("auto", "flash_attn", "triton", "torch")
+
+
+@dataclass(frozen=True)
+class CacheSpec:
+    """What the engine asks of its attention backend."""
+    device_type: str        # "cuda" or "cpu"
+    block_size: int | None  # tokens per KV block; None: the backend's default
+    fp8_cache: bool         # kv_cache_dtype is FP8 (e4m3)
+    head_dim: int
+    cuda_graphs: bool       # decode steps are captured as CUDA graphs
 
 
 class AttentionBackend:
     name: str
+    default_block_size: int
 
     @classmethod
-    def unsupported(cls, device_type: str, block_size: int) -> str | None:
-        """Why this backend cannot serve these settings; None when it can."""
-        return None
+    def unsupported(cls, spec: CacheSpec) -> str | None:
+        """Why this backend cannot serve `spec`; None when it can."""
+        raise NotImplementedError
 
-    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
-                v_cache: torch.Tensor, meta: AttentionMetadata, scale: float) -> torch.Tensor:
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: LayerKVCache | None,
+                meta: AttentionMetadata, scale: float) -> torch.Tensor:
         """q: [num_tokens, num_heads, head_dim]; k, v: [num_tokens, num_kv_heads, head_dim] (this
-        step's, already in the cache); caches [num_blocks, block_size, num_kv_heads, head_dim].
+        step's, already stored in `cache`; None before the cache exists, in the warm-up forward).
         Returns [num_tokens, num_heads, head_dim]."""
         raise NotImplementedError
 
 
-def backend_classes() -> dict[str, type[AttentionBackend]]:
+def _backend_classes() -> dict[str, type[AttentionBackend]]:
     from nanovllm.attention.flash_attn_backend import FlashAttnBackend
     from nanovllm.attention.torch_backend import TorchBackend
-    return {cls.name: cls for cls in (FlashAttnBackend, TorchBackend)}
+    from nanovllm.attention.triton_backend import TritonBackend
+    return {cls.name: cls for cls in (FlashAttnBackend, TritonBackend, TorchBackend)}
 
 
-ATTENTION_BACKENDS = ("auto", "flash_attn", "torch")
+def backend_class(name: str) -> type[AttentionBackend]:
+    """The class of a backend resolved before (`resolve_attention_backend`), by its name."""
+    return _backend_classes()[name]
 
 
-def select_attention_backend(name: str, device_type: str, block_size: int) -> AttentionBackend:
-    """The backend `name` ("auto": flash-attn where it can serve, else torch) for an engine on
-    `device_type` with KV blocks of `block_size` tokens. ValueError when it cannot serve them."""
-    classes = backend_classes()
-    if name == "auto":
-        candidates = ["flash_attn", "torch"] if device_type == "cuda" else ["torch"]
-        name = next(n for n in candidates if classes[n].unsupported(device_type, block_size) is None)
-    if name not in classes:
+def resolve_attention_backend(name: str, spec: CacheSpec) -> tuple[type[AttentionBackend], int]:
+    """(backend class, block size) for `name` ("auto": flash-attn where it can serve, else Triton on
+    CUDA; torch on the CPU). ValueError naming the value when `name` is unknown or the backend
+    cannot serve `spec`."""
+    classes = _backend_classes()
+    if name not in ATTENTION_BACKENDS:
         raise ValueError(f"attention_backend must be one of {ATTENTION_BACKENDS}, got {name!r}.")
-    reason = classes[name].unsupported(device_type, block_size)
+    if name == "auto":
+        candidates = ("flash_attn", "triton") if spec.device_type == "cuda" else ("torch",)
+        name = next((n for n in candidates if classes[n].unsupported(spec) is None), candidates[-1])
+    cls = classes[name]
+    reason = cls.unsupported(spec)
     if reason is not None:
         raise ValueError(f"attention_backend={name!r} cannot serve this engine: {reason}.")
-    return classes[name]()
+    return cls, spec.block_size or cls.default_block_size

@@ -7,6 +7,8 @@ in k_scales / v_scales [num_blocks, block_size, num_kv_heads] float32 and clamp(
 so that fp8.float() * scale dequantizes; other caches get a plain copy (cast to the cache dtype).
 The Triton and torch versions write the same bytes.
 """
+from typing import NamedTuple
+
 import torch
 
 from nanovllm.utils.triton_utils import tl, triton
@@ -14,6 +16,16 @@ from nanovllm.utils.triton_utils import tl, triton
 PAD_SLOT_ID = -1  # slot_mapping entry of a padded (CUDA-graph) row: its K/V are not stored
 FP8_DTYPE = torch.float8_e4m3fn
 FP8_MAX = 448.0  # largest finite e4m3fn value
+
+
+class LayerKVCache(NamedTuple):
+    """One layer's paged cache: k, v [num_blocks, block_size, num_kv_heads, head_dim] in the model's
+    dtype or FP8_DTYPE; for FP8, k_scales, v_scales [num_blocks, block_size, num_kv_heads] float32
+    (None otherwise)."""
+    k: torch.Tensor
+    v: torch.Tensor
+    k_scales: torch.Tensor | None = None
+    v_scales: torch.Tensor | None = None
 
 
 def _check_scales(k_cache: torch.Tensor, k_scales: torch.Tensor | None, v_scales: torch.Tensor | None):

@@ -2,12 +2,15 @@
 
 Prefill: a loop over sequences, each attending causally over its keys (this step's k, v when no
 prefix is cached, else the paged cache through its block table). Decode: one batched masked
-attention over every sequence's cached keys. GQA by repeating the K/V heads.
+attention over every sequence's cached keys. GQA by repeating the K/V heads. An FP8 cache is
+dequantized (float32 values times their scales) as it is gathered, then cast to q's dtype.
+Not CUDA-graph capturable (host syncs): on CUDA it needs enforce_eager=True.
 """
 import torch
 import torch.nn.functional as F
 
-from nanovllm.attention.backend import AttentionBackend
+from nanovllm.attention.backend import AttentionBackend, CacheSpec
+from nanovllm.attention.kv_store import LayerKVCache
 from nanovllm.attention.metadata import AttentionMetadata
 
 
@@ -26,18 +29,33 @@ def _cache_slots(block_table: torch.Tensor, num_positions: int, block_size: int)
     return block_table[..., positions // block_size] * block_size + positions % block_size
 
 
+def _gather(cache: torch.Tensor, scales: torch.Tensor | None, slots: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """The cached rows `slots` ([...]) of one cache -> [..., num_kv_heads, head_dim] in `dtype`."""
+    rows = cache.flatten(0, 1)[slots]
+    if scales is not None:  # FP8: value * its (token, head) scale
+        rows = rows.float() * scales.flatten(0, 1)[slots].unsqueeze(-1)
+    return rows.to(dtype)
+
+
 class TorchBackend(AttentionBackend):
     name = "torch"
+    default_block_size = 16
 
-    def forward(self, q, k, v, k_cache, v_cache, meta: AttentionMetadata, scale: float) -> torch.Tensor:
+    @classmethod
+    def unsupported(cls, spec: CacheSpec) -> str | None:
+        if spec.cuda_graphs:
+            return "it is not CUDA-graph capturable; pass enforce_eager=True"
+        return None
+
+    def forward(self, q, k, v, cache: LayerKVCache | None, meta: AttentionMetadata, scale: float) -> torch.Tensor:
         if meta.block_tables is not None:
-            block_size = k_cache.shape[1]
-            flat_k, flat_v = k_cache.flatten(0, 1), v_cache.flatten(0, 1)
+            block_size = cache.k.shape[1]
         if not meta.is_prefill:  # one query per sequence, batched with a length mask
             max_len = int(meta.context_lens.max())
             slots = _cache_slots(meta.block_tables, max_len, block_size)  # [batch, max_len]
             keep = torch.arange(max_len, device=q.device) < meta.context_lens.unsqueeze(1)
-            out = _attend(q.unsqueeze(1), flat_k[slots], flat_v[slots], scale, keep[:, None, None, :])
+            out = _attend(q.unsqueeze(1), _gather(cache.k, cache.k_scales, slots, q.dtype),
+                          _gather(cache.v, cache.v_scales, slots, q.dtype), scale, keep[:, None, None, :])
             return out.squeeze(1)
         out = torch.empty_like(q)
         cu_q, cu_k = meta.cu_seqlens_q.tolist(), meta.cu_seqlens_k.tolist()
@@ -47,7 +65,8 @@ class TorchBackend(AttentionBackend):
                 seq_k, seq_v = k[cu_k[i]:cu_k[i + 1]], v[cu_k[i]:cu_k[i + 1]]
             else:
                 slots = _cache_slots(meta.block_tables[i], seq_len, block_size)
-                seq_k, seq_v = flat_k[slots], flat_v[slots]
+                seq_k = _gather(cache.k, cache.k_scales, slots, q.dtype)
+                seq_v = _gather(cache.v, cache.v_scales, slots, q.dtype)
             causal = torch.ones(n, seq_len, dtype=torch.bool, device=q.device).tril(seq_len - n)
             out[cu_q[i]:cu_q[i + 1]] = _attend(q[cu_q[i]:cu_q[i + 1]], seq_k, seq_v, scale, causal)
         return out

@@ -24,6 +24,7 @@ LOG2E = 1.4426950408889634
 # Tunables (scripts/bench_attention.py sweeps them). Per head_dim: BLOCK_N (keys per tile), num_warps,
 # num_stages (tiles in flight: software pipelining of the K/V loads).
 DECODE_CONFIGS = {64: (64, 4, 3), 128: (64, 4, 3), 256: (32, 4, 3)}
+FP8_DECODE_CONFIGS = {64: (32, 4, 3), 128: (32, 4, 3), 256: (32, 4, 3)}  # an FP8 cache
 SPLIT_PROGRAMS_PER_SM = 2  # split sequences until num_kv_heads * num_seqs * splits >= this x SM count
 MIN_GROUP_ROWS = 16  # tl.dot needs M >= 16: the query-head group is padded up to this
 
@@ -70,7 +71,7 @@ def _decode_kernel(q_ptr, q_stride_s, q_stride_h, k_cache_ptr, v_cache_ptr, k_sc
                    block_tables_ptr, table_stride, context_lens_ptr, out_ptr, part_out_ptr, part_lse_ptr, qk_scale,
                    split_len, KV_HEADS: tl.constexpr, GROUP: tl.constexpr, GROUP_PAD: tl.constexpr,
                    HEAD_DIM: tl.constexpr, PAGE: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT: tl.constexpr,
-                   FP8: tl.constexpr, PRECISION: tl.constexpr):
+                   FP8: tl.constexpr, FP16_DOT: tl.constexpr, PRECISION: tl.constexpr):
     kv_head, seq, split = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     context_len = tl.load(context_lens_ptr + seq)
     start = split * split_len  # split_len: keys per split, a multiple of BLOCK_N
@@ -82,6 +83,8 @@ def _decode_kernel(q_ptr, q_stride_s, q_stride_h, k_cache_ptr, v_cache_ptr, k_sc
     heads = kv_head * GROUP + g  # query heads packed as rows, padded with zero rows
     q = tl.load(q_ptr + seq * q_stride_s + heads[:, None] * q_stride_h + d[None, :],
                 mask=(g < GROUP)[:, None], other=0.0)  # [GROUP_PAD, HEAD_DIM]
+    if FP16_DOT:  # e4m3 -> fp16 is one instruction on sm_89+, e4m3 -> bf16 is not: dot in fp16
+        q = q.to(tl.float16)
     m = tl.full([GROUP_PAD], float("-inf"), tl.float32)
     l = tl.zeros([GROUP_PAD], tl.float32)
     acc = tl.zeros([GROUP_PAD, HEAD_DIM], tl.float32)
@@ -173,7 +176,8 @@ def paged_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, 
     assert block_size >= 16 and block_size & (block_size - 1) == 0, f"block_size {block_size}"
     assert k_cache.is_contiguous() and v_cache.is_contiguous()
     block_n, num_warps, num_stages = (given if given is not None else default for given, default in
-                                      zip((block_n, num_warps, num_stages), DECODE_CONFIGS[head_dim]))
+                                      zip((block_n, num_warps, num_stages),
+                                          (FP8_DECODE_CONFIGS if k_cache.dtype == FP8_DTYPE else DECODE_CONFIGS)[head_dim]))
     assert block_tables.stride(1) == 1 and block_tables.shape[0] == num_seqs == context_lens.shape[0]
     max_tiles = max(1, triton.cdiv(block_tables.shape[1] * block_size, block_n))
     if num_splits is None:
@@ -200,7 +204,7 @@ def paged_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, 
         q, q.stride(0), q.stride(1), k_cache, v_cache, *scales, block_tables, block_tables.stride(0), context_lens,
         out, part_out, part_lse, scale * LOG2E, tiles_per_split * block_n, num_kv_heads, group,
         max(MIN_GROUP_ROWS, triton.next_power_of_2(group)), head_dim, block_size, block_n, num_splits > 1, fp8,
-        dot_precision(q.dtype), num_warps=num_warps, num_stages=num_stages)
+        fp8 and q.dtype == torch.bfloat16, dot_precision(q.dtype), num_warps=num_warps, num_stages=num_stages)
     if num_splits > 1:
         _merge_kernel[(num_seqs * num_heads,)](part_out, part_lse, out, num_splits,
                                                triton.next_power_of_2(num_splits), head_dim)

@@ -15,7 +15,7 @@ from nanovllm.attention.kv_store import FP8_DTYPE
 from nanovllm.attention.triton_decode import LOG2E, cache_rows, check_attention_inputs, dot_precision
 
 # Tunables per head_dim (scripts/bench_attention.py sweeps them): BLOCK_M, BLOCK_N, num_warps, num_stages.
-PREFILL_CONFIGS = {64: (128, 64, 4, 3), 128: (128, 64, 8, 3), 256: (64, 32, 8, 2)}
+PREFILL_CONFIGS = {64: (128, 64, 4, 3), 128: (64, 64, 4, 3), 256: (64, 32, 8, 2)}
 
 
 @triton.jit
@@ -62,7 +62,8 @@ def _attend_tile(q, m, l, acc, k_ptr, k_stride, v_ptr, v_stride, k_scales_ptr, v
 def _prefill_kernel(q_ptr, q_stride_t, q_stride_h, k_ptr, k_stride, v_ptr, v_stride, k_scales_ptr, v_scales_ptr,
                     block_tables_ptr, table_stride, cu_seqlens_q_ptr, cu_seqlens_k_ptr, out_ptr, qk_scale,
                     NUM_HEADS: tl.constexpr, KV_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, PAGE: tl.constexpr,
-                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, FP8: tl.constexpr, PRECISION: tl.constexpr):
+                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, FP8: tl.constexpr, FP16_DOT: tl.constexpr,
+                    PRECISION: tl.constexpr):
     tile_m = tl.num_programs(0) - 1 - tl.program_id(0)  # the longest (last) query tiles start first
     seq, head = tl.program_id(1), tl.program_id(2)
     q_start = tl.load(cu_seqlens_q_ptr + seq)
@@ -79,6 +80,8 @@ def _prefill_kernel(q_ptr, q_stride_t, q_stride_h, k_ptr, k_stride, v_ptr, v_str
     q_rows = (q_start + i).to(tl.int64)
     q = tl.load(q_ptr + q_rows[:, None] * q_stride_t + head * q_stride_h + d[None, :],
                 mask=(i < q_len)[:, None], other=0.0)  # [BLOCK_M, HEAD_DIM]
+    if FP16_DOT:  # an FP8 cache: e4m3 -> fp16 is one instruction, e4m3 -> bf16 is not
+        q = q.to(tl.float16)
     q_pos = k_len - q_len + i  # key position of each query; padded rows (i >= q_len) see keys < k_len
     first_pos = k_len - q_len + tile_m * BLOCK_M
     full_end = (first_pos + 1) // BLOCK_N * BLOCK_N  # keys before it are visible to every query of the tile
@@ -143,6 +146,7 @@ def paged_prefill(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens_
     grid = (triton.cdiv(max_seqlen_q, block_m), num_seqs, num_heads)
     _prefill_kernel[grid](q, q.stride(0), q.stride(1), k, k.stride(0), v, v.stride(0), *scales, block_tables,
                           table_stride, cu_seqlens_q, cu_seqlens_k, out, scale * LOG2E, num_heads, num_kv_heads,
-                          head_dim, page, block_m, block_n, fp8, dot_precision(q.dtype), num_warps=num_warps,
+                          head_dim, page, block_m, block_n, fp8, fp8 and q.dtype == torch.bfloat16,
+                          dot_precision(q.dtype), num_warps=num_warps,
                           num_stages=num_stages)
     return out

@@ -46,10 +46,10 @@ class LLMEngine:
             if not config.skip_tokenizer_init:
                 self.tokenizer = load_tokenizer(resolve_model_path(tokenizer) if tokenizer else config.model)
             num_blocks = executor.num_kvcache_blocks
-            blocks_per_seq = -(-config.max_model_len // config.kvcache_block_size)
+            blocks_per_seq = -(-config.max_model_len // config.block_size)
             if blocks_per_seq > num_blocks:
                 raise ValueError(
-                    f"the KV cache holds {num_blocks} blocks of {config.kvcache_block_size} tokens, fewer than "
+                    f"the KV cache holds {num_blocks} blocks of {config.block_size} tokens, fewer than "
                     f"one sequence of max_model_len={config.max_model_len} needs ({blocks_per_seq}); lower "
                     f"max_model_len or give the cache more memory.")
         except BaseException:
@@ -66,7 +66,7 @@ class LLMEngine:
         self.scheduler = Scheduler(
             max_num_seqs=config.max_num_seqs, max_num_batched_tokens=config.max_num_batched_tokens,
             max_model_len=config.max_model_len, num_kvcache_blocks=num_blocks,
-            block_size=config.kvcache_block_size, eos_token_ids=self.eos_token_ids,
+            block_size=config.block_size, eos_token_ids=self.eos_token_ids,
             enable_prefix_caching=config.enable_prefix_caching)
         self._requests: dict[str, Request] = {}        # unfinished requests by id
         self._completions: dict[int, Completion] = {}  # unfinished sequences by seq_id
@@ -74,7 +74,7 @@ class LLMEngine:
         self._unclaimed: list[RequestOutput] = []      # add_request outputs finished inside generate()
         self._seq_ids = itertools.count()
         self._request_counter = itertools.count()
-        logger.info("engine ready: %d KV blocks of %d tokens on %s", num_blocks, config.kvcache_block_size,
+        logger.info("engine ready: %d KV blocks of %d tokens on %s", num_blocks, config.block_size,
                     config.device_type)
 
     def shutdown(self):

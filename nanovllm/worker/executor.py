@@ -65,7 +65,7 @@ def _worker_main(config: Config, rank: int, port: int, shm_name: str, event: Eve
 class Executor:
 
     def __init__(self, config: Config):
-        self.block_size = config.kvcache_block_size
+        self.block_size = config.block_size
         self.workers: list[mp.Process] = []
         self.events: list[Event] = []
         self.shm: SharedMemory | None = None

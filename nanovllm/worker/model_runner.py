@@ -12,7 +12,7 @@ import logging
 import torch
 import torch.distributed as dist
 
-from nanovllm.attention import PAD_SLOT_ID, Attention, forward_context, select_attention_backend
+from nanovllm.attention import FP8_DTYPE, PAD_SLOT_ID, Attention, LayerKVCache, backend_class, forward_context
 from nanovllm.config import Config
 from nanovllm.layers.compilable import CompilableOp
 from nanovllm.models import get_model_class
@@ -32,7 +32,7 @@ class ModelRunner:
         self.config = config
         self.rank = rank
         self.world_size = config.tensor_parallel_size
-        self.block_size = config.kvcache_block_size
+        self.block_size = config.block_size
         self.device = torch.device("cuda", rank) if config.device_type == "cuda" else torch.device("cpu")
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device)
@@ -76,7 +76,7 @@ class ModelRunner:
             self.sampler = Sampler(config.seed)
             self.sampler.warm_up(hf_config.vocab_size, config.torch_dtype, self.device)
         self.attention_layers = [m for m in self.model.modules() if isinstance(m, Attention)]
-        self.attention_backend = select_attention_backend("auto", self.device.type, self.block_size)
+        self.attention_backend = backend_class(config.attention_backend)()
         for layer in self.attention_layers:
             layer.bind(self.attention_backend)
         self.graph_runner = None  # the warm-up forward below runs eagerly
@@ -94,7 +94,7 @@ class ModelRunner:
             self.graph_runner = None
         for layer in self.attention_layers:
             layer.bind(self.attention_backend)
-        self.kv_cache = None
+        self.kv_cache = self.kv_scales = None
         self.model = None
         if dist.is_initialized():
             dist.destroy_process_group()
@@ -104,10 +104,15 @@ class ModelRunner:
 
     # ---- KV cache --------------------------------------------------------------------------
 
+    @property
+    def _cache_dtype(self) -> torch.dtype:
+        return FP8_DTYPE if self.config.fp8_kv_cache else self.config.torch_dtype
+
     def _block_bytes(self) -> int:
+        """Bytes of one KV block over all layers: K and V, and for FP8 their float32 scales."""
         layer = self.attention_layers[0]
-        itemsize = torch.empty((), dtype=self.config.torch_dtype).element_size()
-        return 2 * len(self.attention_layers) * self.block_size * layer.num_kv_heads * layer.head_dim * itemsize
+        per_token_head = layer.head_dim * self._cache_dtype.itemsize + (4 if self.config.fp8_kv_cache else 0)
+        return 2 * len(self.attention_layers) * self.block_size * layer.num_kv_heads * per_token_head
 
     def _num_kvcache_blocks(self) -> int:
         config = self.config
@@ -134,14 +139,16 @@ class ModelRunner:
 
     def _allocate_kv_cache(self, num_blocks: int):
         layer = self.attention_layers[0]
-        # [2 (k, v), num_layers, num_blocks, block_size, num_kv_heads, head_dim]
-        shape = (2, len(self.attention_layers), num_blocks, self.block_size, layer.num_kv_heads, layer.head_dim)
+        # [2 (k, v), num_layers, num_blocks, block_size, num_kv_heads(, head_dim)]
+        shape = (2, len(self.attention_layers), num_blocks, self.block_size, layer.num_kv_heads)
         # Zeros on the CPU: the reference attention reads whole padded blocks, masked, and masked
-        # garbage could still be NaN. flash-attn reads only valid rows.
+        # garbage could still be NaN. The CUDA kernels read only valid rows.
         alloc = torch.zeros if self.device.type == "cpu" else torch.empty
-        self.kv_cache = alloc(shape, dtype=self.config.torch_dtype, device=self.device)
+        self.kv_cache = alloc(*shape, layer.head_dim, dtype=self._cache_dtype, device=self.device)
+        self.kv_scales = alloc(shape, dtype=torch.float32, device=self.device) if self.config.fp8_kv_cache else None
         for i, layer in enumerate(self.attention_layers):
-            layer.bind(self.attention_backend, self.kv_cache[0, i], self.kv_cache[1, i])
+            scales = (self.kv_scales[0, i], self.kv_scales[1, i]) if self.kv_scales is not None else ()
+            layer.bind(self.attention_backend, LayerKVCache(self.kv_cache[0, i], self.kv_cache[1, i], *scales))
 
     @torch.inference_mode()
     def _warmup(self):
