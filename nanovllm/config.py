@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 import torch
 from transformers import AutoConfig, PretrainedConfig
 
+from nanovllm.layers.quantization.config import Fp8Config, resolve_quant_config
 from nanovllm.utils.hub import resolve_model_path
 
 _DTYPES = {"float32": torch.float32, "float": torch.float32, "float16": torch.float16,
@@ -39,7 +40,11 @@ class Config:
     skip_tokenizer_init: bool = False
     distributed_port: int | None = None  # None: a free port is picked
     cuda_graph_sizes: tuple[int, ...] | None = None
+    # None: as the checkpoint's quantization_config says (unquantized without one); "fp8": FP8
+    # weights, quantized at load time when the checkpoint is not FP8 already
+    quantization: str | None = None
     hf_config: PretrainedConfig = field(init=False, repr=False)
+    quant_config: Fp8Config | None = field(init=False, repr=False)  # resolved `quantization`
 
     def __post_init__(self):
         object.__setattr__(self, "model", resolve_model_path(self.model))  # a hub id becomes its snapshot folder
@@ -80,6 +85,8 @@ class Config:
             raise ValueError(f"kvcache_block_size must be a multiple of 256 on the GPU (flash-attn's paged "
                              f"KV cache), got {self.kvcache_block_size}.")
         self.torch_dtype  # validates dtype
+        object.__setattr__(self, "quant_config", resolve_quant_config(
+            self.quantization, getattr(hf_config, "quantization_config", None)))
 
     @property
     def device_type(self) -> str:

@@ -91,7 +91,7 @@ class ModelRunner:
         torch.set_default_dtype(config.torch_dtype)
         try:
             with torch.device(self.device):
-                self.model = get_model_class(hf_config)(hf_config)
+                self.model = get_model_class(hf_config)(hf_config, config.quant_config)
             if config.load_format == "dummy":
                 load_dummy_weights(self.model, config.seed)
             else:
