@@ -230,3 +230,37 @@ def test_fp8_kernels_gpu():
     for M in (1, 16, 100, 300):
         check("cuda", M=M, N=6144, K=4096, configs=[[16, 64, 4], [64, 128, 1], [128, 128, 1]])
     check("cuda", M=7, N=200, K=330, configs=[[16, 64, 2], [16, 128, 3]])
+
+
+def worst_relative_gap(hf_fp32, batch: list[list[int]], outputs: list[list[int]]) -> float:
+    """Teacher-forced: how far below the float32 reference's best token (relative to the top
+    logit) the worst token of the greedy outputs scores, each judged on its own prefix."""
+    worst = 0.0
+    for prompt, out in zip(batch, outputs, strict=True):
+        with torch.no_grad():
+            logits = hf_fp32(torch.tensor([prompt + out], device="cuda")).logits[0, len(prompt) - 1:-1]
+        top = logits.max(-1).values
+        chosen = logits.gather(1, torch.tensor(out, device="cuda").unsqueeze(1)).squeeze(1)
+        worst = max(worst, ((top - chosen) / top.abs()).max().item())
+    return worst
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_fp8_on_gpu_close_to_dequantized_float32(pair):
+    """bf16 activations quantized per token and 128 columns: close to, not equal to, float32."""
+    hf = AutoModelForCausalLM.from_pretrained(pair[1], dtype=torch.float32).cuda().eval()
+    batch, params = prompts() * 4, SamplingParams(temperature=0, max_tokens=32, ignore_eos=True)
+    outputs = {}
+    for name, path, options in (("fp8 checkpoint", pair[0], {}), ("eager", pair[0], dict(enforce_eager=True)),
+                                ("on the fly", pair[1], dict(quantization="fp8"))):
+        llm = LLM(path, dtype="bfloat16", skip_tokenizer_init=True, max_model_len=256, **options)
+        try:
+            outputs[name] = [o.outputs[0].token_ids for o in llm.generate(batch, params, use_tqdm=False)]
+        finally:
+            llm.shutdown()
+    assert outputs["on the fly"] == outputs["fp8 checkpoint"]  # the same FP8 weights, the same kernels
+    for name, out in outputs.items():
+        gap = worst_relative_gap(hf, batch, out)
+        print(f"{name}: worst relative gap {gap:.4f}")
+        assert gap <= 0.1, name

@@ -38,9 +38,9 @@ class LinearBase(nn.Module):
                 fp8.check_block_alignment(prefix, quant_config, tp_dim, self._loaded_sizes(input_size, output_size),
                                           self.tp_size)
             fp8.create_fp8_weights(self, input_size, output_size, quant_config)
-            if getattr(self, "weight_scale_inv", None) is not None:
-                self.weight_scale_inv.weight_loader = self.weight_loader
-        self.weight.weight_loader = self.weight_loader
+        for param in (self.weight, getattr(self, "weight_scale_inv", None)):
+            if param is not None:
+                param.weight_loader = self.weight_loader
         if bias:
             self.bias = nn.Parameter(torch.empty(output_size))
             self.bias.weight_loader = self.weight_loader
@@ -95,7 +95,7 @@ class MergedColumnParallelLinear(ColumnParallelLinear):
         super().__init__(input_size, sum(output_sizes), bias, quant_config, prefix)
 
     def _loaded_sizes(self, input_size: int, output_size: int) -> list[int]:
-        return [size // tp_size() for size in self.output_sizes]
+        return [size // self.tp_size for size in self.output_sizes]
 
     def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor, shard_id: int):
         size = self.output_sizes[shard_id] // self.tp_size

@@ -66,13 +66,13 @@ class Fp8GemmConfig:
 
 
 @functools.lru_cache(maxsize=None)
-def _num_sms(device: torch.device) -> int:
+def num_sms(device: torch.device) -> int:
     if device.type != "cuda":
         return NUM_SMS_OFF_GPU
     return torch.cuda.get_device_properties(device).multi_processor_count
 
 
-def gemm_config(M: int, N: int, K: int, num_sms: int) -> Fp8GemmConfig:
+def gemm_config(M: int, N: int, K: int, sm_count: int) -> Fp8GemmConfig:
     """Tiles for an [M, K] x [K, N] product. Up to 64 rows the product is weight-bandwidth bound:
     small tiles (tl.dot needs 16 rows at least) and, when the output tiles cannot fill the SMs
     twice, split-K. Past that, large tiles and no split (the partial sums would cost traffic)."""
@@ -85,9 +85,9 @@ def gemm_config(M: int, N: int, K: int, num_sms: int) -> Fp8GemmConfig:
         config = dict(block_m=128, block_n=128, num_warps=8, num_stages=3)
     split_k = 1
     tiles = triton.cdiv(M, config["block_m"]) * triton.cdiv(N, config["block_n"])
-    if M <= 64 and tiles < 2 * num_sms:
+    if M <= 64 and tiles < 2 * sm_count:
         k_blocks = triton.cdiv(K, GROUP_SIZE)
-        per_split = triton.cdiv(k_blocks, min(k_blocks, triton.cdiv(2 * num_sms, tiles)))
+        per_split = triton.cdiv(k_blocks, min(k_blocks, triton.cdiv(2 * sm_count, tiles)))
         split_k = triton.cdiv(k_blocks, per_split)
     return Fp8GemmConfig(split_k=split_k, **config)
 
@@ -147,7 +147,7 @@ def fp8_block_matmul(a: torch.Tensor, a_scale: torch.Tensor, w: torch.Tensor, w_
     assert w.shape[1] == K and a.stride(1) == 1 and w.stride(1) == 1
     assert a_scale.shape == (M, k_blocks) and a_scale.is_contiguous()
     assert w_scale.shape == (triton.cdiv(N, GROUP_SIZE), k_blocks) and w_scale.stride(1) == 1
-    config = config or gemm_config(M, N, K, _num_sms(a.device))
+    config = config or gemm_config(M, N, K, num_sms(a.device))
     if out is None:
         out = torch.empty(M, N, dtype=out_dtype, device=a.device)
     assert out.shape == (M, N) and out.dtype == out_dtype and out.is_contiguous()
