@@ -85,7 +85,8 @@ def bench_shape(name: str, N: int, K: int, M: int, sweep: bool):
     floor_fp8 = max(N * K / HBM_BYTES_PER_S, flops / FP8_FLOPS)
     floor_bf16 = max(2 * N * K / HBM_BYTES_PER_S, flops / BF16_FLOPS)
     config = gemm_config(M, N, K, num_sms(x.device))
-    print(f"{name:8s} M={M:5d} | fp8 linear {t_fp8 * 1e6:8.1f} us (quant {t_quant * 1e6:6.1f}, gemm {t_gemm * 1e6:8.1f}) "
+    print(f"{name:8s} M={M:5d} | fp8 linear {t_fp8 * 1e6:8.1f} us (quant {t_quant * 1e6:6.1f}, "
+          f"gemm {t_gemm * 1e6:8.1f}) "
           f"{N * K / t_gemm / 1e9:7.0f} GB/s {flops / t_gemm / 1e12:6.1f} TFLOP/s, floor {floor_fp8 / t_fp8:5.1%} | "
           f"bf16 {t_bf16 * 1e6:8.1f} us {2 * N * K / t_bf16 / 1e9:7.0f} GB/s {flops / t_bf16 / 1e12:6.1f} TFLOP/s, "
           f"floor {floor_bf16 / t_bf16:5.1%} | speed-up {t_bf16 / t_fp8:4.2f}x | rel err vs dequant {err_deq:.1e}, "
@@ -111,9 +112,9 @@ class MlpStack(torch.nn.Module):
 
     def __init__(self, hidden: int, intermediate: int, layers: int, vocab: int, quant_config: Fp8Config | None):
         super().__init__()
-        self.gate_up = torch.nn.ModuleList(MergedColumnParallelLinear(hidden, [intermediate] * 2, quant_config=quant_config,
-                                                                      prefix=f"layers.{i}.gate_up_proj")
-                                           for i in range(layers))
+        self.gate_up = torch.nn.ModuleList(
+            MergedColumnParallelLinear(hidden, [intermediate] * 2, quant_config=quant_config,
+                                       prefix=f"layers.{i}.gate_up_proj") for i in range(layers))
         self.down = torch.nn.ModuleList(RowParallelLinear(intermediate, hidden, quant_config=quant_config,
                                                           prefix=f"layers.{i}.down_proj") for i in range(layers))
         self.act = SiluAndMul()
@@ -147,7 +148,8 @@ def logit_error(tokens: int = 256, layers: int = 8, vocab: int = 32000):
     error = (got - ref).abs()
     top1 = (got.argmax(-1) == ref.argmax(-1)).float().mean().item()
     print(f"logits of {layers} Qwen3-8B MLP blocks + LM head, bf16 vs FP8, {tokens} tokens: max abs error "
-          f"{error.max():.4f}, mean abs error {error.mean():.4f} (logit std {ref.std():.3f}), top-1 agreement {top1:.1%}")
+          f"{error.max():.4f}, mean abs error {error.mean():.4f} (logit std {ref.std():.3f}), "
+          f"top-1 agreement {top1:.1%}")
 
 
 def main():

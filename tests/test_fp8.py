@@ -31,8 +31,8 @@ BLOCK = 128
 FP8_CONFIG = {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic", "weight_block_size": [BLOCK, BLOCK]}
 SHAPE = dict(vocab_size=512, hidden_size=256, intermediate_size=512, num_hidden_layers=2, num_attention_heads=2,
              num_key_value_heads=2, head_dim=128, max_position_embeddings=512, tie_word_embeddings=False)
-ENGINE_ARGS = dict(dtype="float32", kvcache_block_size=16, max_model_len=256, skip_tokenizer_init=True,
-                   cpu_kvcache_space_gib=0.05)
+ENGINE_ARGS = dict(device="cpu", dtype="float32", kvcache_block_size=16, max_model_len=256,
+                   skip_tokenizer_init=True, cpu_kvcache_space_gib=0.05)  # on the CPU on a GPU machine too
 GREEDY = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
 PROMPT_LENS = [5, 23, 1]
 
@@ -70,7 +70,8 @@ def write_fp8_pair(root, ignored: tuple[str, ...] = (), **overrides) -> tuple[st
             continue
         q, scale = fp8_blocks(tuple(tensor.shape), gen)
         quantized[name], quantized[f"{module}.weight_scale_inv"] = q, scale
-        tensors[name] = q.float() * scale.repeat_interleave(BLOCK, 0).repeat_interleave(BLOCK, 1)[:q.shape[0], :q.shape[1]]
+        expanded = scale.repeat_interleave(BLOCK, 0).repeat_interleave(BLOCK, 1)[:q.shape[0], :q.shape[1]]
+        tensors[name] = q.float() * expanded
     save_file(tensors, os.path.join(fp32, "model.safetensors"), metadata={"format": "pt"})
     save_file(quantized, os.path.join(fp8, "model.safetensors"), metadata={"format": "pt"})
     with open(os.path.join(fp32, "config.json")) as f:

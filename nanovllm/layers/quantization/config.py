@@ -59,7 +59,8 @@ def resolve_quant_config(quantization: str | None, checkpoint_config: dict | Non
     if block not in FP8_BLOCK_SIZES:
         raise ValueError(f"quantization_config.weight_block_size {block!r} is not supported; supported: "
                          f"{[list(b) for b in FP8_BLOCK_SIZES]} (None is per-tensor FP8).")
-    ignored = [*(checkpoint_config.get("ignored_layers") or ()), *(checkpoint_config.get("modules_to_not_convert") or ())]
+    ignored = [*(checkpoint_config.get("ignored_layers") or ()),
+               *(checkpoint_config.get("modules_to_not_convert") or ())]
     return Fp8Config(weight_block_size=block, is_checkpoint_fp8_serialized=True, ignored_layers=tuple(ignored))
 
 
