@@ -5,6 +5,7 @@
     python bench.py --model PATH                 # a real checkpoint
     python bench.py --model PATH --load-format dummy   # a folder holding only config.json
     python bench.py --latency                    # decode tok/s and ms/step at batch 1, 8, 64
+    python bench.py --quantization fp8           # FP8 weights (random weights: quantized at load time)
 
 Default workload: random.seed(0); 256 sequences; prompt i is randint(100, 1024) random token ids
 in [0, 10000]; then one SamplingParams(temperature=0.6, ignore_eos=True,
@@ -61,6 +62,8 @@ def parse_args():
     parser.add_argument("--max-model-len", type=int, default=4096)
     parser.add_argument("--tensor-parallel-size", type=int, default=1)
     parser.add_argument("--enforce-eager", action="store_true")
+    parser.add_argument("--quantization", choices=["fp8"],
+                        help="FP8 weights; a bf16 checkpoint (or the random weights) is quantized at load time")
     parser.add_argument("--latency", action="store_true", help="decode latency at batch sizes 1, 8, 64")
     parser.add_argument("--mixed-sampling", action="store_true",
                         help="also run the workload with a mix of greedy, top-k/top-p and penalised requests")
@@ -69,7 +72,7 @@ def parse_args():
 
 def make_llm(args) -> LLM:
     options = dict(enforce_eager=args.enforce_eager, max_model_len=args.max_model_len,
-                   tensor_parallel_size=args.tensor_parallel_size)
+                   tensor_parallel_size=args.tensor_parallel_size, quantization=args.quantization)
     if args.model is None:
         folder = tempfile.mkdtemp(prefix="nanovllm-bench-")
         with open(os.path.join(folder, "config.json"), "w") as f:

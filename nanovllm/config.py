@@ -11,6 +11,7 @@ from transformers import AutoConfig, PretrainedConfig
 
 from nanovllm.attention import CacheSpec, resolve_attention_backend
 from nanovllm.models.config_utils import head_dim_of
+from nanovllm.layers.quantization.config import Fp8Config, resolve_quant_config
 from nanovllm.utils.hub import resolve_model_path
 
 _DTYPES = {"float32": torch.float32, "float": torch.float32, "float16": torch.float16,
@@ -45,7 +46,11 @@ class Config:
     skip_tokenizer_init: bool = False
     distributed_port: int | None = None  # None: a free port is picked
     cuda_graph_sizes: tuple[int, ...] | None = None
+    # None: as the checkpoint's quantization_config says (unquantized without one); "fp8": FP8
+    # weights, quantized at load time when the checkpoint is not FP8 already
+    quantization: str | None = None
     hf_config: PretrainedConfig = field(init=False, repr=False)
+    quant_config: Fp8Config | None = field(init=False, repr=False)  # resolved `quantization`
 
     def __post_init__(self):
         object.__setattr__(self, "model", resolve_model_path(self.model))  # a hub id becomes its snapshot folder
@@ -82,6 +87,8 @@ class Config:
             raise ValueError(f"max_model_len={self.max_model_len} exceeds the model's "
                              f"max_position_embeddings={limit}.")
         self.torch_dtype  # validates dtype
+        object.__setattr__(self, "quant_config", resolve_quant_config(
+            self.quantization, getattr(hf_config, "quantization_config", None)))
         self._resolve_kv_cache()
 
     def _resolve_kv_cache(self):

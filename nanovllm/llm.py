@@ -24,7 +24,7 @@ logger = logging.getLogger(__name__)
 
 VLLM_OPTIONS_WITHOUT_EFFECT = ("trust_remote_code", "swap_space", "disable_log_stats", "disable_custom_all_reduce",
                                "max_seq_len_to_capture", "disable_async_output_proc", "enable_chunked_prefill")
-VLLM_OPTIONS_AT_DEFAULT = {"quantization": (None,), "pipeline_parallel_size": (1,), "cpu_offload_gb": (0,),
+VLLM_OPTIONS_AT_DEFAULT = {"pipeline_parallel_size": (1,), "cpu_offload_gb": (0,),
                            "task": ("auto", "generate"), "tokenizer_mode": ("auto",)}
 
 ChatMessage = dict  # {"role": str, "content": str | [{"type": "text", "text": str}, ...]}

@@ -24,7 +24,7 @@ from nanovllm.models import MODEL_REGISTRY, get_model_class
 from nanovllm.models.llama import MistralForCausalLM
 from nanovllm.models.qwen2 import Qwen2ForCausalLM
 from nanovllm.attention import PAD_SLOT_ID, AttentionMetadata, forward_context
-from nanovllm.utils.loader import load_model
+from nanovllm.models.loader import load_model
 from nanovllm.utils.parallel import find_free_port
 
 # Short original context so that all three bands of the llama3 scaling act within the test prompts.

@@ -8,85 +8,146 @@
   added once, after the reduction.
 Each parameter's `weight_loader(param, loaded_weight[, shard_id])` copies this rank's slice of a
 checkpoint tensor into the parameter.
+
+With an `Fp8Config` (`quant_config`; None: unquantized) a layer holds FP8 weights and their block
+scales (`nanovllm.layers.quantization.fp8`), sharded and packed like the weight: one row of the
+scales covers `block_size` rows of the weight. `prefix` names the layer in errors.
 """
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from nanovllm.layers.quantization import fp8
+from nanovllm.layers.quantization.config import Fp8Config
 from nanovllm.utils.parallel import all_reduce, divide, tp_rank, tp_size
 
 
 class LinearBase(nn.Module):
 
-    def __init__(self, input_size: int, output_size: int, bias: bool, tp_dim: int):
+    def __init__(self, input_size: int, output_size: int, bias: bool, tp_dim: int | None,
+                 quant_config: Fp8Config | None = None, prefix: str = ""):
         super().__init__()
         self.tp_dim = tp_dim
         self.tp_rank, self.tp_size = tp_rank(), tp_size()
-        self.weight = nn.Parameter(torch.empty(output_size, input_size))
-        self.weight.weight_loader = self.weight_loader
+        self.quant_config = quant_config
+        self.params_dtype = torch.get_default_dtype()
+        if quant_config is None:
+            self.weight = nn.Parameter(torch.empty(output_size, input_size))
+        else:
+            if tp_dim is not None:
+                fp8.check_block_alignment(prefix, quant_config, tp_dim, self._loaded_sizes(input_size, output_size),
+                                          self.tp_size)
+            fp8.create_fp8_weights(self, input_size, output_size, quant_config)
+        for param in (self.weight, getattr(self, "weight_scale_inv", None)):
+            if param is not None:
+                param.weight_loader = self.weight_loader
         if bias:
             self.bias = nn.Parameter(torch.empty(output_size))
             self.bias.weight_loader = self.weight_loader
         else:
             self.register_parameter("bias", None)
 
+    def _loaded_sizes(self, input_size: int, output_size: int) -> list[int]:
+        """This rank's features along tp_dim of each checkpoint tensor loaded into it."""
+        return [output_size if self.tp_dim == 0 else input_size] if self.tp_size > 1 else []
+
     def _shard(self, loaded: torch.Tensor, dim: int, size: int) -> torch.Tensor:
         return loaded.narrow(dim, self.tp_rank * size, size)
 
     def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor):
-        if param.dim() > self.tp_dim:
+        if self.tp_dim is not None and param.dim() > self.tp_dim:
             loaded = self._shard(loaded, self.tp_dim, param.size(self.tp_dim))
         _copy(param.data, loaded)
 
+    def process_weights_after_loading(self):
+        if self.quant_config is not None:
+            fp8.process_weights_after_loading(self, self.quant_config, self.params_dtype)
+
+    def _linear(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        if self.weight.dtype == fp8.FP8_DTYPE:
+            return fp8.apply(x, self.weight, self.weight_scale_inv, bias)
+        return F.linear(x, self.weight, bias)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight, self.bias)
+        return self._linear(x, self.bias)
+
+
+class ReplicatedLinear(LinearBase):
+
+    def __init__(self, input_size: int, output_size: int, bias: bool = False,
+                 quant_config: Fp8Config | None = None, prefix: str = ""):
+        super().__init__(input_size, output_size, bias, None, quant_config, prefix)
 
 
 class ColumnParallelLinear(LinearBase):
 
-    def __init__(self, input_size: int, output_size: int, bias: bool = False):
-        super().__init__(input_size, divide(output_size, tp_size(), "output features"), bias, tp_dim=0)
+    def __init__(self, input_size: int, output_size: int, bias: bool = False,
+                 quant_config: Fp8Config | None = None, prefix: str = ""):
+        super().__init__(input_size, divide(output_size, tp_size(), "output features"), bias, 0,
+                         quant_config, prefix)
 
 
 class MergedColumnParallelLinear(ColumnParallelLinear):
 
-    def __init__(self, input_size: int, output_sizes: list[int], bias: bool = False):
+    def __init__(self, input_size: int, output_sizes: list[int], bias: bool = False,
+                 quant_config: Fp8Config | None = None, prefix: str = ""):
         self.output_sizes = output_sizes
-        super().__init__(input_size, sum(output_sizes), bias)
+        super().__init__(input_size, sum(output_sizes), bias, quant_config, prefix)
+
+    def _loaded_sizes(self, input_size: int, output_size: int) -> list[int]:
+        return [size // self.tp_size for size in self.output_sizes]
 
     def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor, shard_id: int):
         size = self.output_sizes[shard_id] // self.tp_size
         offset = sum(self.output_sizes[:shard_id]) // self.tp_size
-        _copy(param.data.narrow(0, offset, size), self._shard(loaded, 0, size))
+        _copy_rows(param, offset, size, self._shard(loaded, 0, _rows(param, size)))
 
 
 class QKVParallelLinear(ColumnParallelLinear):
 
     def __init__(self, hidden_size: int, head_size: int, total_num_heads: int,
-                 total_num_kv_heads: int, bias: bool = False):
+                 total_num_kv_heads: int, bias: bool = False, quant_config: Fp8Config | None = None,
+                 prefix: str = ""):
         tp = tp_size()
         self.head_size = head_size
         self.num_heads = divide(total_num_heads, tp, "num_attention_heads")
         self.num_kv_heads = divide(total_num_kv_heads, tp, "num_key_value_heads")
         output_size = (total_num_heads + 2 * total_num_kv_heads) * head_size
-        super().__init__(hidden_size, output_size, bias)
+        super().__init__(hidden_size, output_size, bias, quant_config, prefix)
+
+    def _loaded_sizes(self, input_size: int, output_size: int) -> list[int]:
+        return [self.num_heads * self.head_size, self.num_kv_heads * self.head_size]
 
     def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor, shard_id: str):
         q_size, kv_size = self.num_heads * self.head_size, self.num_kv_heads * self.head_size
         offset, size = {"q": (0, q_size), "k": (q_size, kv_size), "v": (q_size + kv_size, kv_size)}[shard_id]
-        _copy(param.data.narrow(0, offset, size), self._shard(loaded, 0, size))
+        _copy_rows(param, offset, size, self._shard(loaded, 0, _rows(param, size)))
 
 
 class RowParallelLinear(LinearBase):
 
-    def __init__(self, input_size: int, output_size: int, bias: bool = False):
-        super().__init__(divide(input_size, tp_size(), "input features"), output_size, bias, tp_dim=1)
+    def __init__(self, input_size: int, output_size: int, bias: bool = False,
+                 quant_config: Fp8Config | None = None, prefix: str = ""):
+        super().__init__(divide(input_size, tp_size(), "input features"), output_size, bias, 1,
+                         quant_config, prefix)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = F.linear(x, self.weight)
+        y = self._linear(x, None)
         if self.tp_size > 1:
             y = all_reduce(y)
         return y + self.bias if self.bias is not None else y
+
+
+def _rows(param: nn.Parameter, features: int) -> int:
+    """Rows of `param` that hold `features` output features (a row of block scales holds a block)."""
+    block = getattr(param, "block_size", (1, 1))[0]
+    assert features % block == 0, (features, block)  # check_block_alignment refused the layer otherwise
+    return features // block
+
+
+def _copy_rows(param: nn.Parameter, offset: int, size: int, src: torch.Tensor):
+    """Copy `src` into the rows of `param` that hold output features [offset, offset + size)."""
+    _copy(param.data.narrow(0, _rows(param, offset), _rows(param, size)), src)
 
 
 def _copy(dst: torch.Tensor, src: torch.Tensor):

@@ -11,6 +11,9 @@ Module and parameter names match the Hugging Face checkpoints (`model.layers.N.s
 them through `packed_modules_mapping`.
 
 Refused configs raise ValueError naming the field (see `check_decoder_config`).
+
+`quant_config` (an `Fp8Config`, or None) quantizes the projections (never the embeddings, norms
+or LM head); each linear gets it unless the config ignores its checkpoint modules.
 """
 from dataclasses import dataclass
 
@@ -23,9 +26,29 @@ from nanovllm.attention import Attention
 from nanovllm.layers.embed_head import ParallelLMHead, VocabParallelEmbedding
 from nanovllm.layers.layernorm import RMSNorm
 from nanovllm.layers.linear import MergedColumnParallelLinear, QKVParallelLinear, RowParallelLinear
+from nanovllm.layers.quantization.config import Fp8Config
 from nanovllm.layers.rotary_embedding import RotaryEmbedding
 from nanovllm.models.config_utils import head_dim_of, rope_settings, sliding_window_of
 from nanovllm.utils.parallel import tp_size
+
+
+# checkpoint name -> (parameter name, shard id) for projections packed into one matrix
+PACKED_MODULES_MAPPING = {
+    "q_proj": ("qkv_proj", "q"),
+    "k_proj": ("qkv_proj", "k"),
+    "v_proj": ("qkv_proj", "v"),
+    "gate_proj": ("gate_up_proj", 0),
+    "up_proj": ("gate_up_proj", 1),
+}
+
+
+def linear_quant_config(quant_config: Fp8Config | None, prefix: str) -> Fp8Config | None:
+    """The scheme of linear `prefix` (None: unquantized), decided on its checkpoint modules' names."""
+    if quant_config is None:
+        return None
+    parent, module = prefix.rsplit(".", 1)
+    names = [f"{parent}.{ckpt}" for ckpt, (packed, _) in PACKED_MODULES_MAPPING.items() if packed == module]
+    return quant_config.for_layer(names or [prefix])
 
 
 @dataclass(frozen=True)
@@ -57,15 +80,20 @@ def check_decoder_config(config: PretrainedConfig):
 
 class DecoderAttention(nn.Module):
 
-    def __init__(self, config: PretrainedConfig, spec: DecoderSpec):
+    def __init__(self, config: PretrainedConfig, spec: DecoderSpec, quant_config: Fp8Config | None = None,
+                 prefix: str = ""):
         super().__init__()
         head_dim = head_dim_of(config)
         self.qkv_proj = QKVParallelLinear(config.hidden_size, head_dim, config.num_attention_heads,
-                                          config.num_key_value_heads, bias=spec.qkv_bias)
+                                          config.num_key_value_heads, bias=spec.qkv_bias,
+                                          quant_config=linear_quant_config(quant_config, f"{prefix}.qkv_proj"),
+                                          prefix=f"{prefix}.qkv_proj")
         self.num_heads, self.num_kv_heads = self.qkv_proj.num_heads, self.qkv_proj.num_kv_heads
         self.head_dim = head_dim
         self.o_proj = RowParallelLinear(config.num_attention_heads * head_dim, config.hidden_size,
-                                        bias=spec.o_proj_bias)
+                                        bias=spec.o_proj_bias,
+                                        quant_config=linear_quant_config(quant_config, f"{prefix}.o_proj"),
+                                        prefix=f"{prefix}.o_proj")
         base, rope_scaling = rope_settings(config)
         self.rotary_emb = RotaryEmbedding(head_dim, config.max_position_embeddings, base, rope_scaling)
         self.attn = Attention(self.num_heads, head_dim, head_dim ** -0.5, self.num_kv_heads)
@@ -90,11 +118,15 @@ class DecoderAttention(nn.Module):
 
 class DecoderMLP(nn.Module):
 
-    def __init__(self, config: PretrainedConfig, spec: DecoderSpec):
+    def __init__(self, config: PretrainedConfig, spec: DecoderSpec, quant_config: Fp8Config | None = None,
+                 prefix: str = ""):
         super().__init__()
-        self.gate_up_proj = MergedColumnParallelLinear(config.hidden_size, [config.intermediate_size] * 2,
-                                                       bias=spec.mlp_bias)
-        self.down_proj = RowParallelLinear(config.intermediate_size, config.hidden_size, bias=spec.mlp_bias)
+        self.gate_up_proj = MergedColumnParallelLinear(
+            config.hidden_size, [config.intermediate_size] * 2, bias=spec.mlp_bias,
+            quant_config=linear_quant_config(quant_config, f"{prefix}.gate_up_proj"), prefix=f"{prefix}.gate_up_proj")
+        self.down_proj = RowParallelLinear(config.intermediate_size, config.hidden_size, bias=spec.mlp_bias,
+                                           quant_config=linear_quant_config(quant_config, f"{prefix}.down_proj"),
+                                           prefix=f"{prefix}.down_proj")
         self.act_fn = SiluAndMul()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -103,10 +135,11 @@ class DecoderMLP(nn.Module):
 
 class DecoderLayer(nn.Module):
 
-    def __init__(self, config: PretrainedConfig, spec: DecoderSpec):
+    def __init__(self, config: PretrainedConfig, spec: DecoderSpec, quant_config: Fp8Config | None = None,
+                 prefix: str = ""):
         super().__init__()
-        self.self_attn = DecoderAttention(config, spec)
-        self.mlp = DecoderMLP(config, spec)
+        self.self_attn = DecoderAttention(config, spec, quant_config, f"{prefix}.self_attn")
+        self.mlp = DecoderMLP(config, spec, quant_config, f"{prefix}.mlp")
         self.input_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
 
@@ -123,10 +156,12 @@ class DecoderLayer(nn.Module):
 
 class DecoderModel(nn.Module):
 
-    def __init__(self, config: PretrainedConfig, spec: DecoderSpec):
+    def __init__(self, config: PretrainedConfig, spec: DecoderSpec, quant_config: Fp8Config | None = None,
+                 prefix: str = "model"):
         super().__init__()
         self.embed_tokens = VocabParallelEmbedding(config.vocab_size, config.hidden_size)
-        self.layers = nn.ModuleList([DecoderLayer(config, spec) for _ in range(config.num_hidden_layers)])
+        self.layers = nn.ModuleList([DecoderLayer(config, spec, quant_config, f"{prefix}.layers.{i}")
+                                     for i in range(config.num_hidden_layers)])
         self.norm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
@@ -139,23 +174,16 @@ class DecoderModel(nn.Module):
 
 class DecoderForCausalLM(nn.Module):
     """Base of the architecture classes; a subclass says what its config means in `decoder_spec`."""
-    # checkpoint name -> (parameter name, shard id) for projections packed into one matrix
-    packed_modules_mapping = {
-        "q_proj": ("qkv_proj", "q"),
-        "k_proj": ("qkv_proj", "k"),
-        "v_proj": ("qkv_proj", "v"),
-        "gate_proj": ("gate_up_proj", 0),
-        "up_proj": ("gate_up_proj", 1),
-    }
+    packed_modules_mapping = PACKED_MODULES_MAPPING
 
     @classmethod
     def decoder_spec(cls, config: PretrainedConfig) -> DecoderSpec:
         raise NotImplementedError
 
-    def __init__(self, config: PretrainedConfig):
+    def __init__(self, config: PretrainedConfig, quant_config: Fp8Config | None = None):
         super().__init__()
         check_decoder_config(config)
-        self.model = DecoderModel(config, self.decoder_spec(config))
+        self.model = DecoderModel(config, self.decoder_spec(config), quant_config)
         self.lm_head = ParallelLMHead(config.vocab_size, config.hidden_size)
         self.tie_word_embeddings = bool(getattr(config, "tie_word_embeddings", False))
         if self.tie_word_embeddings:

@@ -18,7 +18,7 @@ from nanovllm.layers.compilable import CompilableOp
 from nanovllm.models import get_model_class
 from nanovllm.sample.metadata import SamplingSequence
 from nanovllm.sample.sampler import SampledTokens, Sampler
-from nanovllm.utils.loader import load_dummy_weights, load_model
+from nanovllm.models.loader import load_dummy_weights, load_model
 from nanovllm.worker.cuda_graph import CUDAGraphRunner
 from nanovllm.worker.inputs import StepInput, eager_inputs, upload_ints
 
@@ -58,7 +58,7 @@ class ModelRunner:
         torch.set_default_dtype(config.torch_dtype)
         try:
             with torch.device(self.device):
-                self.model = get_model_class(hf_config)(hf_config)
+                self.model = get_model_class(hf_config)(hf_config, config.quant_config)
             if config.load_format == "dummy":
                 load_dummy_weights(self.model, config.seed)
             else:

@@ -3,7 +3,9 @@
 Checkpoint names are mapped through the model's `packed_modules_mapping` (q/k/v -> qkv_proj,
 gate/up -> gate_up_proj). A checkpoint tensor with no matching parameter, or a parameter that no
 tensor filled, raises ValueError naming them. `load_dummy_weights` fills parameters with small
-random values instead (for benchmarks without a checkpoint); both paths touch every parameter.
+random values instead (for benchmarks without a checkpoint); both paths touch every parameter,
+then call each module's `process_weights_after_loading()` where it has one (FP8 linears quantize or
+dequantize their weights there).
 """
 import os
 from glob import glob
@@ -12,6 +14,9 @@ import torch
 from safetensors import safe_open
 from torch import nn
 
+from nanovllm.layers.quantization.fp8_kernels import FP8_DTYPE, FP8_MAX
+
+DUMMY_RANGE = 1e-3
 # Checkpoint entries that hold no parameter (precomputed RoPE tables of older exports).
 IGNORED_SUFFIXES = ("rotary_emb.inv_freq", "rotary_emb.cos_cached", "rotary_emb.sin_cached")
 
@@ -68,6 +73,13 @@ def load_model(model: nn.Module, path: str):
     if missing:
         raise ValueError(f"checkpoint {path!r} lacks weights for: {missing[:10]}"
                          + (f" and {len(missing) - 10} more" if len(missing) > 10 else ""))
+    _process_weights_after_loading(model)
+
+
+def _process_weights_after_loading(model: nn.Module):
+    for module in model.modules():
+        if hasattr(module, "process_weights_after_loading"):
+            module.process_weights_after_loading()
 
 
 def _fully_filled(name: str, got: set | None, shards: dict) -> bool:
@@ -79,12 +91,22 @@ def _fully_filled(name: str, got: set | None, shards: dict) -> bool:
 
 @torch.no_grad()
 def load_dummy_weights(model: nn.Module, seed: int):
-    """Random weights, uniform in [-1e-3, 1e-3] (as vLLM's dummy format); norms stay at one."""
+    """Random weights, uniform in [-1e-3, 1e-3] (as vLLM's dummy format); norms stay at one.
+    FP8 weights are uniform over the FP8 range with block scales that bring them to the same range."""
     generators = {}
     for name, param in model.named_parameters():
         if name.endswith("norm.weight"):
             param.fill_(1.0)
             continue
+        if name.endswith("weight_scale_inv"):
+            param.fill_(DUMMY_RANGE / FP8_MAX)
+            continue
         if param.device not in generators:
             generators[param.device] = torch.Generator(device=param.device).manual_seed(seed)
-        param.uniform_(-1e-3, 1e-3, generator=generators[param.device])
+        generator = generators[param.device]
+        if param.dtype == FP8_DTYPE:  # drawn in float32 and cast: uniform_ has no FP8 kernel
+            values = torch.empty(param.shape, dtype=torch.float32, device=param.device)
+            param.copy_(values.uniform_(-FP8_MAX, FP8_MAX, generator=generator))
+        else:
+            param.uniform_(-DUMMY_RANGE, DUMMY_RANGE, generator=generator)
+    _process_weights_after_loading(model)
