@@ -229,7 +229,7 @@ def test_unsupported_architecture_lists_supported(checkpoints, tmp_path):
     for arch in ["LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM"]:
         assert arch in str(info.value)
     assert sorted(MODEL_REGISTRY) == ["LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM",
-                                      "Qwen3ForCausalLM"]
+                                      "Qwen2MoeForCausalLM", "Qwen3ForCausalLM", "Qwen3MoeForCausalLM"]
     # through the engine: a Llama checkpoint whose config.json names an unknown architecture
     path = shutil.copytree(checkpoints["llama2"], tmp_path / "renamed")
     with open(path / "config.json") as f:

@@ -1,9 +1,10 @@
-"""The decoder-only transformer shared by the Llama, Mistral, Qwen2 and Qwen3 families.
+"""The decoder-only transformer shared by the Llama, Mistral, Qwen2, Qwen3 and Qwen-MoE families.
 
 Pre-norm layers: RMSNorm -> GQA attention with NeoX RoPE -> residual add; RMSNorm -> SwiGLU MLP ->
 residual add (each residual add is fused into the norm that follows it). The families differ only
 in what their config says, which each architecture's class reads into a `DecoderSpec`: the biases
-of the projections and the per-head RMSNorm of q and k. Tied embeddings come from
+of the projections and the per-head RMSNorm of q and k. An MoE family puts its sparse block in
+place of the MLP of some layers (`make_mlp`). Tied embeddings come from
 `config.tie_word_embeddings`, head_dim from `config.head_dim` or hidden_size / num_attention_heads.
 
 Module and parameter names match the Hugging Face checkpoints (`model.layers.N.self_attn.o_proj`,
@@ -13,6 +14,7 @@ them through `packed_modules_mapping`.
 Refused configs raise ValueError naming the field (see `check_decoder_config`).
 """
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 from torch import nn
@@ -103,10 +105,10 @@ class DecoderMLP(nn.Module):
 
 class DecoderLayer(nn.Module):
 
-    def __init__(self, config: PretrainedConfig, spec: DecoderSpec):
+    def __init__(self, config: PretrainedConfig, spec: DecoderSpec, mlp: nn.Module):
         super().__init__()
         self.self_attn = DecoderAttention(config, spec)
-        self.mlp = DecoderMLP(config, spec)
+        self.mlp = mlp
         self.input_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
 
@@ -123,10 +125,12 @@ class DecoderLayer(nn.Module):
 
 class DecoderModel(nn.Module):
 
-    def __init__(self, config: PretrainedConfig, spec: DecoderSpec):
+    def __init__(self, config: PretrainedConfig, spec: DecoderSpec,
+                 make_mlp: Callable[[PretrainedConfig, DecoderSpec, int], nn.Module]):
         super().__init__()
         self.embed_tokens = VocabParallelEmbedding(config.vocab_size, config.hidden_size)
-        self.layers = nn.ModuleList([DecoderLayer(config, spec) for _ in range(config.num_hidden_layers)])
+        self.layers = nn.ModuleList([DecoderLayer(config, spec, make_mlp(config, spec, i))
+                                     for i in range(config.num_hidden_layers)])
         self.norm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
@@ -152,10 +156,15 @@ class DecoderForCausalLM(nn.Module):
     def decoder_spec(cls, config: PretrainedConfig) -> DecoderSpec:
         raise NotImplementedError
 
+    @classmethod
+    def make_mlp(cls, config: PretrainedConfig, spec: DecoderSpec, layer_idx: int) -> nn.Module:
+        """The MLP of layer `layer_idx`: the dense SwiGLU MLP unless a subclass says otherwise (MoE)."""
+        return DecoderMLP(config, spec)
+
     def __init__(self, config: PretrainedConfig):
         super().__init__()
         check_decoder_config(config)
-        self.model = DecoderModel(config, self.decoder_spec(config))
+        self.model = DecoderModel(config, self.decoder_spec(config), self.make_mlp)
         self.lm_head = ParallelLMHead(config.vocab_size, config.hidden_size)
         self.tie_word_embeddings = bool(getattr(config, "tie_word_embeddings", False))
         if self.tie_word_embeddings:
