@@ -47,6 +47,16 @@ DUMMY_CONFIGS = {
                                        "original_max_position_embeddings": 8192, "rope_type": "llama3"},
                          rope_theta=500000.0, tie_word_embeddings=True, torch_dtype="bfloat16",
                          use_cache=True, vocab_size=128256),
+    "Qwen3-30B-A3B": dict(architectures=["Qwen3MoeForCausalLM"], model_type="qwen3_moe", attention_bias=False,
+                          attention_dropout=0.0, bos_token_id=151643, eos_token_id=151645, decoder_sparse_step=1,
+                          head_dim=128, hidden_act="silu", hidden_size=2048, initializer_range=0.02,
+                          intermediate_size=6144, max_position_embeddings=40960, max_window_layers=48,
+                          mlp_only_layers=[], moe_intermediate_size=768, norm_topk_prob=True,
+                          num_attention_heads=32, num_experts=128, num_experts_per_tok=8, num_hidden_layers=48,
+                          num_key_value_heads=4, output_router_logits=False, rms_norm_eps=1e-6, rope_scaling=None,
+                          rope_theta=1000000.0, router_aux_loss_coef=0.001, sliding_window=None,
+                          tie_word_embeddings=False, torch_dtype="bfloat16", use_cache=True,
+                          use_sliding_window=False, vocab_size=151936),
 }
 
 

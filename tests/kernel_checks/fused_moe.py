@@ -34,14 +34,26 @@ def assert_close(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtyp
                                msg=lambda m: f"{what} ({dtype}): {m}")
 
 
+def per_expert(rows: torch.Tensor, topk_ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """rows[p] @ weights[expert of pair p].T for every pair p, one expert at a time."""
+    flat = topk_ids.flatten()
+    out = rows.new_empty(rows.shape[0], weights.shape[1])
+    for expert in range(weights.shape[0]):
+        pairs = (flat == expert).nonzero().flatten()
+        out[pairs] = rows[pairs] @ weights[expert].T
+    return out
+
+
 def check(device: str, num_tokens: int, num_experts: int, top_k: int, hidden: int, intermediate: int,
           dtypes: tuple[str, ...] = ("float32",), tile: dict | None = None, seed: int = 0):
-    """`tile`: MoeTileConfig fields to use instead of `tile_config`'s choice."""
+    """`tile`: MoeTileConfig fields to use instead of `tile_config`'s choice. References are
+    computed in float64 on `device` from the inputs as rounded to each dtype."""
     gen = torch.Generator().manual_seed(seed)
     num_pairs = num_tokens * top_k
     config = MoeTileConfig(**tile) if tile else tile_config(num_pairs, num_experts)
     logits = torch.randn(num_tokens, num_experts, generator=gen)
-    topk_weights, topk_ids = select_experts(logits, top_k, renormalize=True)
+    topk_weights, topk_ids = (t.to(device) for t in select_experts(logits, top_k, renormalize=True))
+    pair_weights = topk_weights.flatten()  # [N]
     x64 = torch.randn(num_tokens, hidden, generator=gen, dtype=torch.float64)
     w13_64 = torch.randn(num_experts, 2 * intermediate, hidden, generator=gen, dtype=torch.float64) / hidden ** 0.5
     w2_64 = torch.randn(num_experts, hidden, intermediate, generator=gen, dtype=torch.float64) / intermediate ** 0.5
@@ -49,39 +61,51 @@ def check(device: str, num_tokens: int, num_experts: int, top_k: int, hidden: in
     aligned = AlignedPairs.empty(num_pairs, num_experts, config.BLOCK_M, device)
     for buffer in aligned:
         buffer.fill_(POISON)
-    moe_align(topk_ids.to(device), num_experts, aligned)
-    sorted_ids, experts = expected_alignment(topk_ids, num_experts, config.BLOCK_M)
+    moe_align(topk_ids, num_experts, aligned)
+    sorted_ids, experts = expected_alignment(topk_ids.cpu(), num_experts, config.BLOCK_M)
     assert aligned.num_tokens_post_padded.item() == len(sorted_ids), (aligned.num_tokens_post_padded, len(sorted_ids))
     assert len(sorted_ids) <= aligned.sorted_token_ids.numel(), "upper bound of the padded count exceeded"
     assert aligned.sorted_token_ids[:len(sorted_ids)].tolist() == sorted_ids, aligned.sorted_token_ids
     assert aligned.expert_ids[:len(experts)].tolist() == experts, aligned.expert_ids
 
-    tokens = torch.arange(num_pairs) // top_k
+    tokens = torch.arange(num_pairs, device=device) // top_k
     for name in dtypes:
         dtype = getattr(torch, name)
-        # float64 references from the inputs as rounded to dtype
-        x, w13, w2 = (t.to(dtype) for t in (x64, w13_64, w2_64))
-        x_d, w13_d, w2_d = (t.to(device) for t in (x, w13, w2))
-        gate_up = torch.einsum("ph,pih->pi", x.double()[tokens], w13.double()[topk_ids.flatten()])  # [N, 2 * I]
-        gate, up = gate_up.chunk(2, dim=-1)
-        h_ref = F.silu(gate) * up  # [N, I]
-
+        x, w13, w2 = (t.to(device, dtype) for t in (x64, w13_64, w2_64))
+        gate, up = per_expert(x.double()[tokens], topk_ids, w13.double()).chunk(2, dim=-1)  # [N, I] each
         h = torch.full((num_pairs, intermediate), float("nan"), dtype=dtype, device=device)
-        invoke_gate_up(x_d, w13_d, h, aligned, top_k, config)
-        assert_close(h, h_ref, dtype, "gate-up GEMM with SiLU-and-mul")
+        invoke_gate_up(x, w13, h, aligned, top_k, config)
+        assert_close(h, F.silu(gate) * up, dtype, "gate-up GEMM with SiLU-and-mul")
 
-        h_rounded = h.double().cpu()  # the down GEMM's input as the kernel stored it
-        down_ref = torch.einsum("pi,phi->ph", h_rounded, w2.double()[topk_ids.flatten()])
-        down_ref *= topk_weights.flatten().double()[:, None]
+        # the down GEMM's reference starts from h as the kernel stored it
+        down = per_expert(h.double(), topk_ids, w2.double()) * pair_weights.double()[:, None]  # [N, H]
         out = torch.full((num_pairs, hidden), float("nan"), dtype=dtype, device=device)
-        invoke_down(h, w2_d, out, aligned, topk_weights.flatten().to(device), config)
-        assert_close(out, down_ref, dtype, "down GEMM times the router weight")
+        invoke_down(h, w2, out, aligned, pair_weights, config)
+        assert_close(out, down, dtype, "down GEMM times the router weight")
 
         expected = fused_experts_torch(x.double(), w13.double(), w2.double(), topk_weights.double(), topk_ids)
-        actual = fused_experts_triton(x_d, w13_d, w2_d, topk_weights.to(device), topk_ids.to(device), config)
+        actual = fused_experts_triton(x, w13, w2, topk_weights, topk_ids, config)
         assert actual.shape == (num_tokens, hidden) and actual.dtype == dtype
         assert_close(actual, expected, dtype, "fused_experts_triton vs fused_experts_torch")
-        if device != "cpu":  # the torch path on the same device (the one the model falls back to)
-            torch_path = fused_experts_torch(x_d, w13_d, w2_d, topk_weights.to(device), topk_ids.to(device))
-            assert_close(torch_path, expected, dtype, "fused_experts_torch on the device")
+        if device != "cpu":
+            assert_close(fused_experts_torch(x, w13, w2, topk_weights, topk_ids), expected, dtype,
+                         "fused_experts_torch in the device's dtype")
+            check_cuda_graph(x, w13, w2, topk_weights, topk_ids, config, gen)
     print(f"fused_moe ok: {num_tokens} tokens, {num_experts} experts, top-{top_k}, {config}")
+
+
+def check_cuda_graph(x, w13, w2, topk_weights, topk_ids, config, gen):
+    """Capture fused_experts_triton once, replay it on new routing and inputs: same as eager."""
+    static = [t.clone() for t in (x, topk_weights, topk_ids)]
+    torch.cuda.synchronize()
+    fused_experts_triton(static[0], w13, w2, static[1], static[2], config)  # compile outside the capture
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = fused_experts_triton(static[0], w13, w2, static[1], static[2], config)
+    logits = torch.randn(*topk_weights.shape[:1], w13.shape[0], generator=gen)
+    new_weights, new_ids = (t.to(x.device) for t in select_experts(logits, topk_ids.shape[1], renormalize=False))
+    new_x = torch.randn(x.shape, generator=gen).to(x.device, x.dtype)
+    for buffer, value in zip(static, (new_x, new_weights, new_ids)):
+        buffer.copy_(value)
+    graph.replay()
+    torch.testing.assert_close(out, fused_experts_triton(new_x, w13, w2, new_weights, new_ids, config), rtol=0, atol=0)
