@@ -6,7 +6,8 @@ and projection). Checked: prefill logits of a mixed batch at tp=1 and tp=2 (gloo
 through `LLM.generate` at tp=1 and, for one checkpoint, tp=2; top-2 of 4 and top-8 of 16 experts,
 norm_topk_prob on and off, dense layers (`mlp_only_layers`, `decoder_sparse_step`), Qwen2-MoE's
 shared expert; missing, unexpected and misshapen expert weights; an expert intermediate size
-that tp does not divide.
+that tp does not divide. On a GPU: the kernels at Qwen3-30B-A3B's shapes (and under CUDA-graph
+replay), and bf16 greedy decoding with the Triton experts, eager and in CUDA graphs.
 """
 import shutil
 
@@ -221,3 +222,42 @@ def test_fused_moe_kernels_gpu(num_tokens):
     check("cuda", num_tokens, num_experts=128, top_k=8, hidden=2048, intermediate=768,
           dtypes=("bfloat16", "float32"))
     check("cuda", num_tokens, num_experts=128, top_k=8, hidden=2048, intermediate=384, dtypes=("bfloat16",))
+
+
+GPU_MOE = {  # head_dim 128 (flash-attn); 32 experts, top-4, so that decode batches hit a subset
+    "Qwen3MoeForCausalLM": dict(head_dim=128, norm_topk_prob=True),
+    "Qwen2MoeForCausalLM": dict(shared_expert_intermediate_size=512, norm_topk_prob=False),
+}
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("architecture", sorted(GPU_MOE))
+def test_gpu_greedy_close_to_transformers(architecture, tmp_path):
+    """bf16 on the GPU (Triton experts), CUDA graphs and eager, tp=2 when two GPUs are visible:
+    greedy tokens no further from transformers' float32 argmax than its own bf16 run strays."""
+    from test_gpu import GREEDY as GPU_GREEDY, assert_greedy_close, hf_greedy as hf_greedy_gpu, worst_relative_gap
+    from test_gpu import prompts as gpu_prompts
+
+    path = write_tiny_decoder(tmp_path, architecture, seed=7, vocab_size=32000, hidden_size=512,
+                              num_attention_heads=8, num_key_value_heads=4, num_hidden_layers=4,
+                              intermediate_size=1024, moe_intermediate_size=256, num_experts=32,
+                              num_experts_per_tok=4, max_position_embeddings=2048, **GPU_MOE[architecture])
+    hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).cuda().eval()
+    unique = [[t % 32000 for t in p[:300]] for p in gpu_prompts()]
+    batch = unique * 3  # decode batches of 12: more experts hit per step
+    results = {}
+    for tp, eager in [(1, True), (1, False)] + ([(2, False)] if torch.cuda.device_count() >= 2 else []):
+        llm = LLM(path, dtype="bfloat16", skip_tokenizer_init=True, max_model_len=1024, enforce_eager=eager,
+                  tensor_parallel_size=tp)
+        try:
+            results[tp, eager] = [o.outputs[0].token_ids for o in llm.generate(batch, GPU_GREEDY, use_tqdm=False)]
+        finally:
+            llm.shutdown()
+    hf_bf16 = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16).cuda().eval()
+    baseline = worst_relative_gap(hf, unique, hf_greedy_gpu(hf_bf16, unique, GPU_GREEDY.max_tokens))
+    for key, got in results.items():
+        ours = worst_relative_gap(hf, batch, got)
+        print(f"{architecture} (tp, eager) = {key}: worst relative gap {ours:.4f}, transformers bf16 {baseline:.4f}")
+        assert ours <= max(0.02, 2 * baseline), key
+        assert_greedy_close(hf, batch, results[1, True], got)
