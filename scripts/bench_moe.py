@@ -61,7 +61,8 @@ def main():
     layer.w13_weight.data.normal_(0, HIDDEN ** -0.5)
     layer.w2_weight.data.normal_(0, INTERMEDIATE ** -0.5)
     w13, w2 = layer.w13_weight.data, layer.w2_weight.data
-    print(f"{torch.cuda.get_device_name()}: hidden {HIDDEN}, {NUM_EXPERTS} experts, top-{TOP_K}, I {INTERMEDIATE}, bf16")
+    print(f"{torch.cuda.get_device_name()}: hidden {HIDDEN}, {NUM_EXPERTS} experts, top-{TOP_K}, "
+          f"I {INTERMEDIATE}, bf16")
     print(f"{'tokens':>6} {'experts hit':>11} {'MB read':>8} {'graph ms':>9} {'eager ms':>9} {'GB/s':>7} "
           f"{'of peak':>7} {'TFLOP/s':>8} {'max err':>8}  tiles")
     for num_tokens in args.tokens:
