@@ -6,6 +6,7 @@
     python bench.py --model PATH --load-format dummy   # a folder holding only config.json
     python bench.py --latency                    # decode tok/s and ms/step at batch 1, 8, 64
     python bench.py --quantization fp8           # FP8 weights (random weights: quantized at load time)
+    python bench.py --attention-backend triton --kv-cache-dtype fp8 --block-size 16   # the KV path
 
 Default workload: random.seed(0); 256 sequences; prompt i is randint(100, 1024) random token ids
 in [0, 10000]; then one SamplingParams(temperature=0.6, ignore_eos=True,
@@ -48,6 +49,16 @@ DUMMY_CONFIGS = {
                                        "original_max_position_embeddings": 8192, "rope_type": "llama3"},
                          rope_theta=500000.0, tie_word_embeddings=True, torch_dtype="bfloat16",
                          use_cache=True, vocab_size=128256),
+    "Qwen3-30B-A3B": dict(architectures=["Qwen3MoeForCausalLM"], model_type="qwen3_moe", attention_bias=False,
+                          attention_dropout=0.0, bos_token_id=151643, eos_token_id=151645, decoder_sparse_step=1,
+                          head_dim=128, hidden_act="silu", hidden_size=2048, initializer_range=0.02,
+                          intermediate_size=6144, max_position_embeddings=40960, max_window_layers=48,
+                          mlp_only_layers=[], moe_intermediate_size=768, norm_topk_prob=True,
+                          num_attention_heads=32, num_experts=128, num_experts_per_tok=8, num_hidden_layers=48,
+                          num_key_value_heads=4, output_router_logits=False, rms_norm_eps=1e-6, rope_scaling=None,
+                          rope_theta=1000000.0, router_aux_loss_coef=0.001, sliding_window=None,
+                          tie_word_embeddings=False, torch_dtype="bfloat16", use_cache=True,
+                          use_sliding_window=False, vocab_size=151936),
 }
 
 
@@ -64,7 +75,12 @@ def parse_args():
     parser.add_argument("--enforce-eager", action="store_true")
     parser.add_argument("--quantization", choices=["fp8"],
                         help="FP8 weights; a bf16 checkpoint (or the random weights) is quantized at load time")
+    parser.add_argument("--attention-backend", default="auto", choices=["auto", "flash_attn", "triton", "torch"])
+    parser.add_argument("--block-size", type=int, default=None, help="tokens per KV block (default: the backend's)")
+    parser.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "fp8", "fp8_e4m3"])
     parser.add_argument("--latency", action="store_true", help="decode latency at batch sizes 1, 8, 64")
+    parser.add_argument("--with-latency", action="store_true", help="the throughput workload, then --latency")
+    parser.add_argument("--repeat", type=int, default=1, help="time each workload this many times")
     parser.add_argument("--mixed-sampling", action="store_true",
                         help="also run the workload with a mix of greedy, top-k/top-p and penalised requests")
     return parser.parse_args()
@@ -72,7 +88,9 @@ def parse_args():
 
 def make_llm(args) -> LLM:
     options = dict(enforce_eager=args.enforce_eager, max_model_len=args.max_model_len,
-                   tensor_parallel_size=args.tensor_parallel_size, quantization=args.quantization)
+                   tensor_parallel_size=args.tensor_parallel_size, quantization=args.quantization,
+                   attention_backend=args.attention_backend, block_size=args.block_size,
+                   kv_cache_dtype=args.kv_cache_dtype)
     if args.model is None:
         folder = tempfile.mkdtemp(prefix="nanovllm-bench-")
         with open(os.path.join(folder, "config.json"), "w") as f:
@@ -113,7 +131,7 @@ def throughput(llm: LLM, args):
     warm_up, variants = workloads(args)
     llm.generate([warm_up], SamplingParams(), use_tqdm=False)
     results = {}
-    for name, (prompts, params) in variants.items():
+    for name, (prompts, params) in [item for _ in range(args.repeat) for item in variants.items()]:
         start = time.time()
         llm.generate(prompts, params, use_tqdm=False)
         elapsed = time.time() - start
@@ -142,19 +160,23 @@ def decode_latency(llm: LLM, batch_size: int, prompt_len: int = 128, max_tokens:
     return batch_size * steps / elapsed, 1000 * elapsed / steps
 
 
-def latency(llm: LLM):
+def latency(llm: LLM, repeat: int = 1):
     seed(0)
     for batch_size in (1, 8, 64):
         decode_latency(llm, batch_size)  # warm-up of the same batch size
-        tok_s, ms = decode_latency(llm, batch_size)
-        print(f"Decode batch {batch_size}: {tok_s:.1f}tok/s, {ms:.3f}ms/step")
+        for _ in range(repeat):
+            tok_s, ms = decode_latency(llm, batch_size)
+            print(f"Decode batch {batch_size}: {tok_s:.1f}tok/s, {ms:.3f}ms/step")
 
 
 def main():
     args = parse_args()
     llm = make_llm(args)
     try:
-        latency(llm) if args.latency else throughput(llm, args)
+        if not args.latency:
+            throughput(llm, args)
+        if args.latency or args.with_latency:
+            latency(llm, args.repeat)
     finally:
         llm.shutdown()
 

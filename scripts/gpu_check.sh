@@ -11,7 +11,7 @@ nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
 summary=()
 for what in "${@:-all}"; do
   case $what in
-    tests|all) python3 -m pytest -q -rA tests/test_gpu.py tests/test_kernels.py tests/test_sampler.py 2>&1 | tee "$OUT/gpu_tests.log"
+    tests|all) python3 -m pytest -q -rA -m gpu tests 2>&1 | tee "$OUT/gpu_tests.log"
                summary+=("tests: $(tail -n 1 "$OUT/gpu_tests.log")") ;;&
     bench|all) for i in 1 2; do python3 bench.py 2>&1 | tee -a "$OUT/bench.log"; done
                summary+=("bench 0.6B: $(grep Throughput "$OUT/bench.log" | tr '\n' ' ')") ;;&

@@ -18,7 +18,6 @@ from transformers import AutoConfig, AutoModelForCausalLM, LlamaConfig, MistralC
 
 from fixtures.checkpoints import write_tiny_decoder
 from nanovllm import LLM, SamplingParams
-from nanovllm.attention import Attention
 from nanovllm.layers.rotary_embedding import rope_inv_freq
 from nanovllm.models import MODEL_REGISTRY, get_model_class
 from nanovllm.models.llama import MistralForCausalLM
@@ -96,9 +95,6 @@ def nanovllm_prefill_logits(path: str, batch: list[list[int]]) -> torch.Tensor |
     hf_config = AutoConfig.from_pretrained(path)
     model = get_model_class(hf_config)(hf_config)
     load_model(model, path)
-    for layer in model.modules():
-        if isinstance(layer, Attention):  # a cache of no blocks: attention reads this step's k, v
-            layer.k_cache = layer.v_cache = torch.zeros(0, 16, layer.num_kv_heads, layer.head_dim)
     cu = [0]
     for p in batch:
         cu.append(cu[-1] + len(p))
@@ -229,7 +225,7 @@ def test_unsupported_architecture_lists_supported(checkpoints, tmp_path):
     for arch in ["LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM"]:
         assert arch in str(info.value)
     assert sorted(MODEL_REGISTRY) == ["LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM",
-                                      "Qwen3ForCausalLM"]
+                                      "Qwen2MoeForCausalLM", "Qwen3ForCausalLM", "Qwen3MoeForCausalLM"]
     # through the engine: a Llama checkpoint whose config.json names an unknown architecture
     path = shutil.copytree(checkpoints["llama2"], tmp_path / "renamed")
     with open(path / "config.json") as f:

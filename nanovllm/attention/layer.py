@@ -1,8 +1,8 @@
 """The attention layer: store this step's K/V into the paged cache, then attend over it.
 
 `cache` (LayerKVCache) and `backend` are bound by the model runner (`bind`) once the cache is
-allocated; before that (the warm-up forward) nothing is stored and the backend attends over this
-step's K/V alone.
+allocated; before that (the warm-up forward, or a model built outside an engine) nothing is stored
+and the backend (torch until bound) attends over this step's K/V alone.
 """
 import torch
 from torch import nn
@@ -10,6 +10,7 @@ from torch import nn
 from nanovllm.attention.backend import AttentionBackend
 from nanovllm.attention.kv_store import LayerKVCache, store_kvcache
 from nanovllm.attention.metadata import get_attention_metadata
+from nanovllm.attention.torch_backend import TorchBackend
 
 
 class Attention(nn.Module):
@@ -18,7 +19,7 @@ class Attention(nn.Module):
         super().__init__()
         self.num_heads, self.head_dim, self.num_kv_heads = num_heads, head_dim, num_kv_heads
         self.scale = scale
-        self.backend: AttentionBackend | None = None
+        self.backend: AttentionBackend = TorchBackend()
         self.cache: LayerKVCache | None = None
 
     def bind(self, backend: AttentionBackend, cache: LayerKVCache | None = None):

@@ -66,7 +66,8 @@ def cache_rows(table_row_ptr, start, length, PAGE: tl.constexpr, BLOCK_N: tl.con
     return rows
 
 
-@triton.jit
+# The block-table width and split length vary with the batch: runtime values, so no step compiles a variant.
+@triton.jit(do_not_specialize=["table_stride", "split_len"])
 def _decode_kernel(q_ptr, q_stride_s, q_stride_h, k_cache_ptr, v_cache_ptr, k_scales_ptr, v_scales_ptr,
                    block_tables_ptr, table_stride, context_lens_ptr, out_ptr, part_out_ptr, part_lse_ptr, qk_scale,
                    split_len, KV_HEADS: tl.constexpr, GROUP: tl.constexpr, GROUP_PAD: tl.constexpr,

@@ -58,7 +58,7 @@ def _attend_tile(q, m, l, acc, k_ptr, k_stride, v_ptr, v_stride, k_scales_ptr, v
     return m_new, l, acc
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["table_stride"])  # the table width varies with the batch
 def _prefill_kernel(q_ptr, q_stride_t, q_stride_h, k_ptr, k_stride, v_ptr, v_stride, k_scales_ptr, v_scales_ptr,
                     block_tables_ptr, table_stride, cu_seqlens_q_ptr, cu_seqlens_k_ptr, out_ptr, qk_scale,
                     NUM_HEADS: tl.constexpr, KV_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, PAGE: tl.constexpr,

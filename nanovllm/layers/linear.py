@@ -4,8 +4,8 @@
 - MergedColumnParallelLinear packs several column-parallel projections (gate and up) into one
   matrix; the loader takes the checkpoint tensor of one of them, by index.
 - QKVParallelLinear packs q, k and v; each rank holds its heads of each ("q", "k", "v").
-- RowParallelLinear splits the input features and all-reduces the partial sums; its bias is
-  added once, after the reduction.
+- RowParallelLinear splits the input features and all-reduces the partial sums (unless
+  `reduce_results=False`: the caller reduces them); its bias is added once, after the reduction.
 Each parameter's `weight_loader(param, loaded_weight[, shard_id])` copies this rank's slice of a
 checkpoint tensor into the parameter.
 
@@ -127,13 +127,15 @@ class QKVParallelLinear(ColumnParallelLinear):
 class RowParallelLinear(LinearBase):
 
     def __init__(self, input_size: int, output_size: int, bias: bool = False,
-                 quant_config: Fp8Config | None = None, prefix: str = ""):
+                 quant_config: Fp8Config | None = None, prefix: str = "", reduce_results: bool = True):
         super().__init__(divide(input_size, tp_size(), "input features"), output_size, bias, 1,
                          quant_config, prefix)
+        assert reduce_results or not bias  # a bias on each rank's partial sum would be added tp times
+        self.reduce_results = reduce_results
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self._linear(x, None)
-        if self.tp_size > 1:
+        if self.tp_size > 1 and self.reduce_results:
             y = all_reduce(y)
         return y + self.bias if self.bias is not None else y
 

@@ -1,9 +1,10 @@
-"""The decoder-only transformer shared by the Llama, Mistral, Qwen2 and Qwen3 families.
+"""The decoder-only transformer shared by the Llama, Mistral, Qwen2, Qwen3 and Qwen-MoE families.
 
 Pre-norm layers: RMSNorm -> GQA attention with NeoX RoPE -> residual add; RMSNorm -> SwiGLU MLP ->
 residual add (each residual add is fused into the norm that follows it). The families differ only
 in what their config says, which each architecture's class reads into a `DecoderSpec`: the biases
-of the projections and the per-head RMSNorm of q and k. Tied embeddings come from
+of the projections and the per-head RMSNorm of q and k. An MoE family puts its sparse block in
+place of the MLP of some layers (`make_mlp`). Tied embeddings come from
 `config.tie_word_embeddings`, head_dim from `config.head_dim` or hidden_size / num_attention_heads.
 
 Module and parameter names match the Hugging Face checkpoints (`model.layers.N.self_attn.o_proj`,
@@ -16,13 +17,14 @@ Refused configs raise ValueError naming the field (see `check_decoder_config`).
 or LM head); each linear gets it unless the config ignores its checkpoint modules.
 """
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 from torch import nn
 from transformers import PretrainedConfig
 
-from nanovllm.layers.activation import SiluAndMul
 from nanovllm.attention import Attention
+from nanovllm.layers.activation import SiluAndMul
 from nanovllm.layers.embed_head import ParallelLMHead, VocabParallelEmbedding
 from nanovllm.layers.layernorm import RMSNorm
 from nanovllm.layers.linear import MergedColumnParallelLinear, QKVParallelLinear, RowParallelLinear
@@ -58,6 +60,10 @@ class DecoderSpec:
     o_proj_bias: bool = False  # bias on the attention output projection
     mlp_bias: bool = False     # bias on gate, up and down projections
     qk_norm: bool = False      # RMSNorm over each head of q and k, before RoPE (Qwen3)
+
+
+# (config, spec, layer index, quant config, prefix) -> the layer's MLP
+MakeMLP = Callable[[PretrainedConfig, DecoderSpec, int, Fp8Config | None, str], nn.Module]
 
 
 def check_decoder_config(config: PretrainedConfig):
@@ -135,11 +141,11 @@ class DecoderMLP(nn.Module):
 
 class DecoderLayer(nn.Module):
 
-    def __init__(self, config: PretrainedConfig, spec: DecoderSpec, quant_config: Fp8Config | None = None,
-                 prefix: str = ""):
+    def __init__(self, config: PretrainedConfig, spec: DecoderSpec, mlp: nn.Module,
+                 quant_config: Fp8Config | None = None, prefix: str = ""):
         super().__init__()
         self.self_attn = DecoderAttention(config, spec, quant_config, f"{prefix}.self_attn")
-        self.mlp = DecoderMLP(config, spec, quant_config, f"{prefix}.mlp")
+        self.mlp = mlp
         self.input_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
 
@@ -156,11 +162,13 @@ class DecoderLayer(nn.Module):
 
 class DecoderModel(nn.Module):
 
-    def __init__(self, config: PretrainedConfig, spec: DecoderSpec, quant_config: Fp8Config | None = None,
-                 prefix: str = "model"):
+    def __init__(self, config: PretrainedConfig, spec: DecoderSpec, make_mlp: MakeMLP,
+                 quant_config: Fp8Config | None = None, prefix: str = "model"):
         super().__init__()
         self.embed_tokens = VocabParallelEmbedding(config.vocab_size, config.hidden_size)
-        self.layers = nn.ModuleList([DecoderLayer(config, spec, quant_config, f"{prefix}.layers.{i}")
+        self.layers = nn.ModuleList([DecoderLayer(config, spec, make_mlp(config, spec, i, quant_config,
+                                                                         f"{prefix}.layers.{i}.mlp"),
+                                                  quant_config, f"{prefix}.layers.{i}")
                                      for i in range(config.num_hidden_layers)])
         self.norm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
 
@@ -180,10 +188,16 @@ class DecoderForCausalLM(nn.Module):
     def decoder_spec(cls, config: PretrainedConfig) -> DecoderSpec:
         raise NotImplementedError
 
+    @classmethod
+    def make_mlp(cls, config: PretrainedConfig, spec: DecoderSpec, layer_idx: int, quant_config: Fp8Config | None,
+                 prefix: str) -> nn.Module:
+        """The MLP of layer `layer_idx`: the dense SwiGLU MLP unless a subclass says otherwise (MoE)."""
+        return DecoderMLP(config, spec, quant_config, prefix)
+
     def __init__(self, config: PretrainedConfig, quant_config: Fp8Config | None = None):
         super().__init__()
         check_decoder_config(config)
-        self.model = DecoderModel(config, self.decoder_spec(config), quant_config)
+        self.model = DecoderModel(config, self.decoder_spec(config), self.make_mlp, quant_config)
         self.lm_head = ParallelLMHead(config.vocab_size, config.hidden_size)
         self.tie_word_embeddings = bool(getattr(config, "tie_word_embeddings", False))
         if self.tie_word_embeddings:

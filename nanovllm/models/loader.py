@@ -1,11 +1,13 @@
 """Weight loading from safetensors, through each parameter's `weight_loader`.
 
 Checkpoint names are mapped through the model's `packed_modules_mapping` (q/k/v -> qkv_proj,
-gate/up -> gate_up_proj). A checkpoint tensor with no matching parameter, or a parameter that no
-tensor filled, raises ValueError naming them. `load_dummy_weights` fills parameters with small
-random values instead (for benchmarks without a checkpoint); both paths touch every parameter,
-then call each module's `process_weights_after_loading()` where it has one (FP8 linears quantize or
-dequantize their weights there).
+gate/up -> gate_up_proj) and, in MoE models, its `expert_params_mapping` (experts.{e}.gate_proj ->
+experts.w13_weight as expert e's shard "w1"; see `layers.fused_moe`). A checkpoint tensor with no
+matching parameter, or a parameter (or a packed shard, or an expert's shard) that no tensor filled,
+raises ValueError naming them. `load_dummy_weights` fills parameters with small random values
+instead (for benchmarks without a checkpoint); both paths touch every parameter, then call each
+module's `process_weights_after_loading()` where it has one (FP8 linears quantize or dequantize
+their weights there).
 """
 import os
 from glob import glob
@@ -28,11 +30,16 @@ def default_weight_loader(param: nn.Parameter, loaded: torch.Tensor):
     param.data.copy_(loaded)
 
 
-def _resolve(name: str, packed: dict) -> tuple[str, object]:
+def _resolve(name: str, packed: dict, experts: dict) -> tuple[str, tuple]:
+    """(parameter name, the weight_loader's arguments after the tensor) of checkpoint tensor `name`."""
+    prefix, *tail = name.rsplit(".", 4)  # "model.layers.0.mlp", "experts", "3", "gate_proj", "weight"
+    expert = experts.get(".".join(tail))
+    if expert is not None:
+        return f"{prefix}.{expert.param_name}", (expert.expert_id, expert.shard_id)
     for ckpt_name, (param_name, shard_id) in packed.items():
         if f".{ckpt_name}." in name:
-            return name.replace(f".{ckpt_name}.", f".{param_name}."), shard_id
-    return name, None
+            return name.replace(f".{ckpt_name}.", f".{param_name}."), (shard_id,)
+    return name, ()
 
 
 def load_model(model: nn.Module, path: str):
@@ -41,6 +48,7 @@ def load_model(model: nn.Module, path: str):
         raise ValueError(f"no *.safetensors files in model folder {path!r}.")
     params = dict(model.named_parameters())  # tied weights appear once, under their first name
     packed = getattr(model, "packed_modules_mapping", {})
+    experts = {m.weight_name: m for m in getattr(model, "expert_params_mapping", [])}
     tied = getattr(model, "tie_word_embeddings", False)
     filled: dict[str, set] = {}
     unexpected = []
@@ -49,27 +57,21 @@ def load_model(model: nn.Module, path: str):
             for name in f.keys():
                 if name.endswith(IGNORED_SUFFIXES) or (tied and name == "lm_head.weight"):
                     continue
-                param_name, shard_id = _resolve(name, packed)
+                param_name, shard = _resolve(name, packed, experts)
                 param = params.get(param_name)
                 if param is None:
                     unexpected.append(name)
                     continue
                 loader = getattr(param, "weight_loader", default_weight_loader)
                 try:
-                    if shard_id is None:
-                        loader(param, f.get_tensor(name))
-                    else:
-                        loader(param, f.get_tensor(name), shard_id)
+                    loader(param, f.get_tensor(name), *shard)
                 except ValueError as e:
                     raise ValueError(f"cannot load checkpoint tensor {name!r}: {e}") from None
-                filled.setdefault(param_name, set()).add(shard_id)
+                filled.setdefault(param_name, set()).add(shard)
     if unexpected:
         raise ValueError(f"checkpoint {path!r} has weights the model does not expect: {unexpected[:10]}"
                          + (f" and {len(unexpected) - 10} more" if len(unexpected) > 10 else ""))
-    shards = {}
-    for param_name, shard_id in packed.values():
-        shards.setdefault(param_name, set()).add(shard_id)
-    missing = [n for n in params if not _fully_filled(n, filled.get(n), shards)]
+    missing = _missing(params, filled, packed, experts)
     if missing:
         raise ValueError(f"checkpoint {path!r} lacks weights for: {missing[:10]}"
                          + (f" and {len(missing) - 10} more" if len(missing) > 10 else ""))
@@ -82,11 +84,26 @@ def _process_weights_after_loading(model: nn.Module):
             module.process_weights_after_loading()
 
 
-def _fully_filled(name: str, got: set | None, shards: dict) -> bool:
-    if not got:
-        return False
-    expected = shards.get(name.split(".")[-2])
-    return expected is None or expected <= got
+def _missing(params: dict, filled: dict[str, set], packed: dict, experts: dict) -> list[str]:
+    """The parameters that were not filled (wholly, or every packed shard), and for the stacked
+    expert parameters the checkpoint names of the expert tensors that never came."""
+    packed_shards: dict[str, set] = {}
+    for param_name, shard_id in packed.values():
+        packed_shards.setdefault(param_name, set()).add((shard_id,))
+    expert_shards: dict[str, dict[tuple, str]] = {}
+    for m in experts.values():
+        expert_shards.setdefault(m.param_name, {})[(m.expert_id, m.shard_id)] = m.weight_name
+    missing = []
+    for name in params:
+        got = filled.get(name, set())
+        parent, _, leaf = name.rpartition(".")
+        module_prefix, _, module = parent.rpartition(".")
+        by_shard = expert_shards.get(f"{module}.{leaf}")
+        if by_shard is not None:
+            missing += [f"{module_prefix}.{weight}" for shard, weight in by_shard.items() if shard not in got]
+        elif not packed_shards.get(module, {()}) <= got:
+            missing.append(name)
+    return missing
 
 
 @torch.no_grad()
