@@ -10,7 +10,7 @@ The sampler's per-sequence state (`seq.sampling_state`: a numpy mirror of a pena
 token ids, grown by the new tokens only) is created here on the sequence's first penalised step.
 """
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any, Protocol
 
 import numpy as np
@@ -99,10 +99,26 @@ class SamplingMetadata:
     def build(cls, seqs: list[SamplingSequence], device: torch.device, base_key: int) -> "SamplingMetadata":
         """The settings of `seqs` (one per logits row, in row order). `base_key`: the step's noise
         key of unseeded rows (row r draws with base_key + r)."""
+        if all(seq.sampling_params.temperature_only for seq in seqs):  # the common case, kept cheap
+            return cls.plain_rows([seq.sampling_params.temperature for seq in seqs], device)
         host = _HostLists()
         for row, seq in enumerate(seqs):
             host.add(row, seq)
         return host.upload(len(seqs), device, base_key)
+
+    @classmethod
+    def plain_rows(cls, temperatures: list[float], device: torch.device) -> "SamplingMetadata":
+        """Rows that use temperature alone: one upload, on the current stream; every stage empty."""
+        host = torch.tensor(temperatures, dtype=torch.float32)
+        temps = host.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else host
+        ints, floats = torch.empty(0, dtype=torch.int64, device=device), temps[:0]
+        empty = {name: floats if name in _FLOAT_FIELDS else ints for name in _TENSOR_FIELDS}
+        return cls(len(temperatures), True, 0, 0, False, [], **(empty | {"temperatures": temps}))
+
+
+_TENSOR_FIELDS = tuple(f.name for f in fields(SamplingMetadata) if f.type is torch.Tensor)
+_FLOAT_FIELDS = ("top_k_top_ps", "log_min_ps", "top_ps", "presence_penalties", "frequency_penalties",
+                 "repetition_penalties")
 
 
 @dataclass
