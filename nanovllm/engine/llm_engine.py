@@ -55,6 +55,8 @@ class LLMEngine:
     def __init__(self, model: str, tokenizer: str | None = None, **kwargs):
         """`model`: a local folder or a hub id; `tokenizer`: where to load the tokenizer from, when
         not from the model (a folder or a hub id). Other options: those of `Config`."""
+        self._lock = threading.RLock()
+        self._closed = False
         self.config = config = Config(model, **kwargs)
         self.tokenizer = None
         if not config.skip_tokenizer_init:  # before the model: a missing tokenizer fails fast
@@ -90,8 +92,6 @@ class LLMEngine:
         self._unclaimed: list[RequestOutput] = []      # add_request outputs finished inside generate()
         self._seq_ids = itertools.count()
         self._request_counter = itertools.count()
-        self._lock = threading.RLock()
-        self._closed = False
         logger.info("engine ready: %d KV blocks of %d tokens on %s", num_blocks, config.kvcache_block_size,
                     config.device_type)
 

@@ -53,10 +53,11 @@ class TensorParallelGroup:
     def barrier(self, device: torch.device):
         self.all_reduce(torch.zeros(1, device=device))
 
-    def destroy(self):
-        """Drop the backend (closing its connections); the group is unusable afterwards."""
+    def destroy(self, abort: bool = False):
+        """Close the backend's connections; the group is unusable afterwards. `abort`: a rank
+        failed, so collectives may be pending: drop them rather than wait for them."""
         if self.backend is not None:
-            self.backend.shutdown()
+            self.backend.abort() if abort else self.backend.shutdown()
             self.backend = None
 
 

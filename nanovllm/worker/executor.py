@@ -167,8 +167,8 @@ class Executor:
         dead = self._dead_worker(WORKER_EXIT_GRACE_S if isinstance(cause, Exception) else 0)
         if dead is not None:
             return f"{dead}; {todo} (the worker's own error, if any, is printed above)."
-        return (f"a tensor-parallel step failed or was interrupted on rank 0 ({type(cause).__name__}: {cause}), "
-                f"so the ranks are out of step; {todo}.")
+        what = f"{type(cause).__name__}: {cause}" if str(cause) else type(cause).__name__
+        return f"a tensor-parallel step failed or was interrupted on rank 0 ({what}), so the ranks are out of step; {todo}."
 
     def shutdown(self):
         """Stop the workers, release the model runner, the group and the shared memory; idempotent."""
@@ -197,7 +197,7 @@ class Executor:
                     process.kill()
                     process.join()
         self.workers.clear()
-        self.tp_group.destroy()
+        self.tp_group.destroy(abort=terminate)
         self.tp_group = SINGLE_RANK
         if self.shm is not None:
             self.shm.close()
