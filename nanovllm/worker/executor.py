@@ -132,9 +132,10 @@ class Executor:
         waiting up to `wait_s` for one to; None if all are alive (or there are none)."""
         if not self.workers:
             return None
-        wait([process.sentinel for process in self.workers], timeout=wait_s)
+        ended = wait([process.sentinel for process in self.workers], timeout=wait_s)
         for rank, process in enumerate(self.workers, 1):
-            if not process.is_alive():
+            if process.sentinel in ended:
+                process.join()  # reaped, for its exit code
                 return f"tensor-parallel worker rank {rank} (pid {process.pid}) {_exit_status(process)}"
         return None
 
