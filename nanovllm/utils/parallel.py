@@ -106,6 +106,11 @@ def create_store(port: int | None, size: int) -> dist.TCPStore:
                          timeout=timedelta(seconds=RENDEZVOUS_TIMEOUT_S))
 
 
+def connect_store(port: int, size: int) -> dist.TCPStore:
+    """Ranks 1..N-1: a client of rank 0's store."""
+    return dist.TCPStore("127.0.0.1", port, size, is_master=False, timeout=timedelta(seconds=RENDEZVOUS_TIMEOUT_S))
+
+
 def ranks_ready(store: dist.Store, size: int) -> bool:
     """Rank 0: whether ranks 1..size-1 have reached `join_group`."""
     return store.check([_READY_KEY.format(rank) for rank in range(1, size)])
@@ -127,8 +132,3 @@ def join_group(store: dist.Store, rank: int, size: int, device_type: str) -> Ten
     else:
         backend = dist.ProcessGroupGloo(store, rank, size, timedelta(seconds=GLOO_TIMEOUT_S))
     return TensorParallelGroup(rank, size, backend)
-
-
-def connect_store(port: int, size: int) -> dist.TCPStore:
-    """Ranks 1..N-1: a client of rank 0's store."""
-    return dist.TCPStore("127.0.0.1", port, size, is_master=False, timeout=timedelta(seconds=RENDEZVOUS_TIMEOUT_S))
