@@ -11,6 +11,8 @@
 Default workload: random.seed(0); 256 sequences; prompt i is randint(100, 1024) random token ids
 in [0, 10000]; then one SamplingParams(temperature=0.6, ignore_eos=True,
 max_tokens=randint(100, 1024)) per sequence; a short warm-up generate; one timed generate.
+Lengths are drawn from [min(100, max), max], so any --max-input-len / --max-output-len >= 1 works.
+On the CPU the full workload takes long: a progress bar shows how far it got.
 """
 import argparse
 import json
@@ -18,6 +20,9 @@ import os
 import tempfile
 import time
 from random import randint, seed
+
+import torch
+from tqdm import tqdm
 
 from nanovllm import LLM, SamplingParams
 
@@ -62,37 +67,48 @@ DUMMY_CONFIGS = {
 }
 
 
+MIN_LEN = 100  # shortest prompt and completion of the default workload
+
+
+def positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {value}")
+    return value
+
+
 def parse_args():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", help="checkpoint folder; default: --dummy-config with random weights")
     parser.add_argument("--dummy-config", default="Qwen3-0.6B", choices=sorted(DUMMY_CONFIGS))
     parser.add_argument("--load-format", default="auto", choices=["auto", "safetensors", "dummy"])
-    parser.add_argument("--num-seqs", type=int, default=256)
-    parser.add_argument("--max-input-len", type=int, default=1024)
-    parser.add_argument("--max-output-len", type=int, default=1024)
-    parser.add_argument("--max-model-len", type=int, default=4096)
-    parser.add_argument("--tensor-parallel-size", type=int, default=1)
+    parser.add_argument("--num-seqs", type=positive_int, default=256)
+    parser.add_argument("--max-input-len", type=positive_int, default=1024)
+    parser.add_argument("--max-output-len", type=positive_int, default=1024)
+    parser.add_argument("--max-model-len", type=positive_int, default=4096)
+    parser.add_argument("--tensor-parallel-size", type=positive_int, default=1)
     parser.add_argument("--enforce-eager", action="store_true")
     parser.add_argument("--quantization", choices=["fp8"],
                         help="FP8 weights; a bf16 checkpoint (or the random weights) is quantized at load time")
     parser.add_argument("--attention-backend", default="auto", choices=["auto", "flash_attn", "triton", "torch"])
-    parser.add_argument("--block-size", type=int, default=None, help="tokens per KV block (default: the backend's)")
+    parser.add_argument("--block-size", type=positive_int, default=None, help="tokens per KV block (default: the backend's)")
     parser.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "fp8", "fp8_e4m3"])
     parser.add_argument("--latency", action="store_true", help="decode latency at batch sizes 1, 8, 64")
     parser.add_argument("--with-latency", action="store_true", help="the throughput workload, then --latency")
-    parser.add_argument("--repeat", type=int, default=1, help="time each workload this many times")
+    parser.add_argument("--repeat", type=positive_int, default=1, help="time each workload this many times")
     parser.add_argument("--mixed-sampling", action="store_true",
                         help="also run the workload with a mix of greedy, top-k/top-p and penalised requests")
     return parser.parse_args()
 
 
-def make_llm(args) -> LLM:
+def make_llm(args, folder: str) -> LLM:
+    """The engine; with no --model, random weights of --dummy-config, whose config.json is written
+    into `folder` (a temporary folder the caller removes)."""
     options = dict(enforce_eager=args.enforce_eager, max_model_len=args.max_model_len,
                    tensor_parallel_size=args.tensor_parallel_size, quantization=args.quantization,
                    attention_backend=args.attention_backend, block_size=args.block_size,
                    kv_cache_dtype=args.kv_cache_dtype)
     if args.model is None:
-        folder = tempfile.mkdtemp(prefix="nanovllm-bench-")
         with open(os.path.join(folder, "config.json"), "w") as f:
             json.dump(DUMMY_CONFIGS[args.dummy_config], f)
         print(f"No --model given: {args.dummy_config} architecture with random weights (load_format='dummy').")
@@ -114,9 +130,10 @@ def workloads(args) -> tuple[list[int], dict[str, tuple[list[list[int]], list[Sa
     --mixed-sampling: fresh prompt tokens of the same lengths (no prefix-cache hits), the same
     max_tokens, the MIXED_SAMPLING variants cycled over the requests."""
     seed(0)
-    prompt_token_ids = [[randint(0, 10000) for _ in range(randint(100, args.max_input_len))]
-                        for _ in range(args.num_seqs)]
-    sampling_params = [SamplingParams(temperature=0.6, ignore_eos=True, max_tokens=randint(100, args.max_output_len))
+    input_lens = (min(MIN_LEN, args.max_input_len), args.max_input_len)
+    output_lens = (min(MIN_LEN, args.max_output_len), args.max_output_len)
+    prompt_token_ids = [[randint(0, 10000) for _ in range(randint(*input_lens))] for _ in range(args.num_seqs)]
+    sampling_params = [SamplingParams(temperature=0.6, ignore_eos=True, max_tokens=randint(*output_lens))
                        for _ in range(args.num_seqs)]
     warm_up = [randint(0, 10000) for _ in range(16)]
     variants = {"plain": (prompt_token_ids, sampling_params)}
@@ -127,13 +144,13 @@ def workloads(args) -> tuple[list[int], dict[str, tuple[list[list[int]], list[Sa
     return warm_up, variants
 
 
-def throughput(llm: LLM, args):
+def throughput(llm: LLM, args, show_progress: bool):
     warm_up, variants = workloads(args)
     llm.generate([warm_up], SamplingParams(), use_tqdm=False)
     results = {}
     for name, (prompts, params) in [item for _ in range(args.repeat) for item in variants.items()]:
         start = time.time()
-        llm.generate(prompts, params, use_tqdm=False)
+        llm.generate(prompts, params, use_tqdm=show_progress)
         elapsed = time.time() - start
         total_tokens = sum(sp.max_tokens for sp in params)
         results[name] = total_tokens / elapsed
@@ -143,8 +160,9 @@ def throughput(llm: LLM, args):
         print(f"mixed / plain throughput: {results['mixed'] / results['plain']:.3f}")
 
 
-def decode_latency(llm: LLM, batch_size: int, prompt_len: int = 128, max_tokens: int = 512) -> tuple[float, float]:
-    """(decode tok/s, ms per decode step) of one batch, prefill excluded."""
+def decode_latency(llm: LLM, batch_size: int, prompt_len: int = 128, max_tokens: int = 512,
+                   progress: tqdm | None = None) -> tuple[float, float]:
+    """(decode tok/s, ms per decode step) of one batch, prefill excluded; `progress` counts the steps."""
     engine = llm.llm_engine
     params = SamplingParams(temperature=0.6, ignore_eos=True, max_tokens=max_tokens)
     for _ in range(batch_size):
@@ -156,29 +174,38 @@ def decode_latency(llm: LLM, batch_size: int, prompt_len: int = 128, max_tokens:
     while not engine.is_finished():
         engine.step()
         steps += 1
+        if progress is not None:
+            progress.update(1)
     elapsed = time.perf_counter() - start
     return batch_size * steps / elapsed, 1000 * elapsed / steps
 
 
-def latency(llm: LLM, repeat: int = 1):
+def latency(llm: LLM, show_progress: bool, repeat: int = 1):
     seed(0)
-    for batch_size in (1, 8, 64):
-        decode_latency(llm, batch_size)  # warm-up of the same batch size
-        for _ in range(repeat):
-            tok_s, ms = decode_latency(llm, batch_size)
-            print(f"Decode batch {batch_size}: {tok_s:.1f}tok/s, {ms:.3f}ms/step")
+    with tqdm(desc="Decode steps", disable=not show_progress) as progress:
+        for batch_size in (1, 8, 64):
+            decode_latency(llm, batch_size, progress=progress)  # warm-up of the same batch size
+            for _ in range(repeat):
+                tok_s, ms = decode_latency(llm, batch_size, progress=progress)
+                progress.write(f"Decode batch {batch_size}: {tok_s:.1f}tok/s, {ms:.3f}ms/step")
 
 
 def main():
     args = parse_args()
-    llm = make_llm(args)
-    try:
-        if not args.latency:
-            throughput(llm, args)
-        if args.latency or args.with_latency:
-            latency(llm, args.repeat)
-    finally:
-        llm.shutdown()
+    on_cpu = not torch.cuda.is_available()
+    if on_cpu:  # progress bars only here: they cost time on a fast GPU run
+        print("No GPU: running on the CPU, where the default workload (256 sequences of up to 1024 + 1024 "
+              "tokens) and --latency take a long time. For a quick run: --num-seqs 8 --max-input-len 64 "
+              "--max-output-len 16.", flush=True)
+    with tempfile.TemporaryDirectory(prefix="nanovllm-bench-") as folder:
+        llm = make_llm(args, folder)
+        try:
+            if not args.latency:
+                throughput(llm, args, on_cpu)
+            if args.latency or args.with_latency:
+                latency(llm, on_cpu, args.repeat)
+        finally:
+            llm.shutdown()
 
 
 if __name__ == "__main__":

@@ -1,11 +1,12 @@
-"""Chat with a Qwen3 checkpoint: python example.py [MODEL_FOLDER]"""
+"""Chat with a Qwen3 checkpoint: python example.py [MODEL] (a local folder or a Hugging Face hub id;
+default Qwen/Qwen3-0.6B, downloaded on first use)."""
 import sys
 
 from nanovllm import LLM, SamplingParams
 
 
 def main():
-    path = sys.argv[1] if len(sys.argv) > 1 else "Qwen3-0.6B"
+    path = sys.argv[1] if len(sys.argv) > 1 else "Qwen/Qwen3-0.6B"
     llm = LLM(path, enforce_eager=True, tensor_parallel_size=1)
     tokenizer = llm.get_tokenizer()
     sampling_params = SamplingParams(temperature=0.6, max_tokens=256)

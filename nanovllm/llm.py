@@ -14,7 +14,7 @@ Scripts written for nano-vllm keep working: `generate(prompts, sampling_params, 
 """
 import logging
 
-from nanovllm.engine.input_processor import PromptType
+from nanovllm.engine.input_processor import PromptType, check_text
 from nanovllm.engine.llm_engine import LLMEngine
 from nanovllm.outputs import RequestOutput
 from nanovllm.sampling_params import SamplingParams
@@ -89,6 +89,7 @@ class LLM:
                 [_text_message(m) for m in conversation], tokenize=False, chat_template=chat_template,
                 add_generation_prompt=add_generation_prompt, continue_final_message=continue_final_message,
                 tools=tools, **(chat_template_kwargs or {}))
+            check_text(text, "the rendered conversation")
             # The template already holds any BOS: no special tokens are added again.
             prompts.append({"prompt": text, "prompt_token_ids": tokenizer.encode(text, add_special_tokens=False)})
         return self.llm_engine.generate(prompts, sampling_params, use_tqdm)
@@ -103,7 +104,8 @@ class LLM:
         return self.llm_engine.get_default_sampling_params()
 
     def shutdown(self):
-        """Release GPU memory, worker processes and shared memory now (also done on `del`)."""
+        """Release GPU memory, worker processes and shared memory now (also done on `del`); every
+        later call raises RuntimeError."""
         self.llm_engine.shutdown()
 
 

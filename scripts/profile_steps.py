@@ -9,6 +9,7 @@ size, then totals. CUDA only, one GPU.
 """
 import argparse
 import sys
+import tempfile
 import time
 from collections import defaultdict
 from pathlib import Path
@@ -120,8 +121,10 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--num-seqs", type=int, default=256)
     args = parser.parse_args()
+    folder = tempfile.TemporaryDirectory(prefix="nanovllm-profile-")
     llm = bench.make_llm(argparse.Namespace(model=None, dummy_config="Qwen3-0.6B", enforce_eager=False,
-                                            max_model_len=4096, tensor_parallel_size=1, load_format="auto"))
+                                            max_model_len=4096, tensor_parallel_size=1, load_format="auto"),
+                         folder.name)
     warm_up, variants = bench.workloads(argparse.Namespace(num_seqs=args.num_seqs, max_input_len=1024,
                                                            max_output_len=1024, mixed_sampling=True))
     llm.generate([warm_up], SamplingParams(), use_tqdm=False)
@@ -134,6 +137,8 @@ def main():
         print(f"[{name}] {num_tokens} tokens in {elapsed:.2f} s: {num_tokens / elapsed:.0f} tok/s")
         clock.report(name)
         print(f"[{name}] compiled variants of the sampling kernels: {compiled_variants()}")
+    llm.shutdown()
+    folder.cleanup()
 
 
 if __name__ == "__main__":

@@ -252,7 +252,7 @@ def test_tensor_parallel_2_same_tokens_and_clean_exit(qwen3_untied):
     engine = LLM(qwen3_untied, tensor_parallel_size=2, max_num_batched_tokens=64, **ENGINE_ARGS)
     workers = multiprocessing.active_children()
     assert len(workers) >= 1
-    shm = [f for f in glob.glob("/dev/shm/nanovllm_*")]
+    shm = glob.glob(f"/dev/shm/nanovllm_{os.getpid()}_*")  # this process's only: others may run too
     assert shm
     try:
         assert completions(engine.generate(prompts, GREEDY, use_tqdm=False)) == expected

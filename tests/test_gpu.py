@@ -156,6 +156,31 @@ def test_tensor_parallel_2_same_tokens(qwen3_gpu, hf_fp32):
     assert_greedy_close(hf_fp32, prompts(), results[0], results[1])
 
 
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
+def test_tensor_parallel_2_two_engines_and_a_dead_worker(qwen3_gpu):
+    """Two tp=2 engines in one process (each its own NCCL group, CUDA graphs captured); a worker
+    killed while idle is named at the next step; shutdown leaves no process behind."""
+    import multiprocessing
+    import os
+    import signal
+    first = LLM(qwen3_gpu, tensor_parallel_size=2, max_model_len=1024, gpu_memory_utilization=0.3)
+    second = LLM(qwen3_gpu, tensor_parallel_size=2, max_model_len=1024, gpu_memory_utilization=0.6)
+    try:
+        outputs = [[o.outputs[0].token_ids for o in llm.generate(prompts(), GREEDY, use_tqdm=False)]
+                   for llm in (first, second)]
+        assert outputs[0] == outputs[1]
+        worker = first.llm_engine.executor.workers[0]
+        os.kill(worker.pid, signal.SIGKILL)
+        worker.join(10)
+        with pytest.raises(RuntimeError, match="worker rank 1 .* was killed by SIGKILL"):
+            first.generate(prompts(), GREEDY, use_tqdm=False)
+        assert [o.outputs[0].token_ids for o in second.generate(prompts(), GREEDY, use_tqdm=False)] == outputs[1]
+    finally:
+        first.shutdown()
+        second.shutdown()
+    assert not multiprocessing.active_children()
+
+
 FAMILIES = {  # head dims 64 and 128 (the flash-attn build here has those two)
     "Qwen2ForCausalLM": dict(hidden_size=512, num_attention_heads=8, num_key_value_heads=2, tie_word_embeddings=True),
     "LlamaForCausalLM": dict(hidden_size=512, num_attention_heads=8, num_key_value_heads=4, tie_word_embeddings=False,

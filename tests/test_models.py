@@ -24,7 +24,7 @@ from nanovllm.models.llama import MistralForCausalLM
 from nanovllm.models.qwen2 import Qwen2ForCausalLM
 from nanovllm.attention import PAD_SLOT_ID, AttentionMetadata, forward_context
 from nanovllm.models.loader import load_model
-from nanovllm.utils.parallel import find_free_port
+from nanovllm.utils.parallel import connect_store, create_store, join_group, tensor_parallel_group
 
 # Short original context so that all three bands of the llama3 scaling act within the test prompts.
 LLAMA3_SCALING = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
@@ -90,7 +90,7 @@ def hf_logits(model, batch: list[list[int]]) -> list[torch.Tensor]:
 
 
 def nanovllm_prefill_logits(path: str, batch: list[list[int]]) -> torch.Tensor | None:
-    """Build the model as the model runner does (in this process's tensor-parallel group, if any)
+    """Build the model as the model runner does (in the current tensor-parallel group, if any)
     and run one prefill of `batch`; [total_tokens, vocab_size] on rank 0, None elsewhere."""
     hf_config = AutoConfig.from_pretrained(path)
     model = get_model_class(hf_config)(hf_config)
@@ -162,17 +162,18 @@ def test_checkpoint_configs_exercise_what_they_claim(checkpoints):
 # ---- parity, tp=2 --------------------------------------------------------------------------------
 
 def _tp2_prefill_worker(rank: int, port: int, paths: dict[str, str], bad_kv_heads_path: str, out_file: str):
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", world_size=2, rank=rank)
+    group = join_group(connect_store(port, 2), rank, 2, "cpu")
     try:
-        results = {name: nanovllm_prefill_logits(path, prompts()) for name, path in paths.items()}
-        try:  # 4 heads, 1 KV head: refused on every rank before any collective
-            nanovllm_prefill_logits(bad_kv_heads_path, prompts())
-        except ValueError as e:
-            results["kv_heads_error"] = str(e)
+        with tensor_parallel_group(group):
+            results = {name: nanovllm_prefill_logits(path, prompts()) for name, path in paths.items()}
+            try:  # 4 heads, 1 KV head: refused on every rank before any collective
+                nanovllm_prefill_logits(bad_kv_heads_path, prompts())
+            except ValueError as e:
+                results["kv_heads_error"] = str(e)
         if rank == 0:
             torch.save(results, out_file)
     finally:
-        dist.destroy_process_group()
+        group.destroy()
 
 
 @pytest.fixture(scope="module")
@@ -181,7 +182,8 @@ def tp2_prefill(checkpoints, tmp_path_factory) -> dict:
     tmp = tmp_path_factory.mktemp("tp2")
     bad = write_tiny_decoder(tmp / "kv1", "LlamaForCausalLM", num_key_value_heads=1)
     out_file = str(tmp / "logits.pt")
-    torch.multiprocessing.spawn(_tp2_prefill_worker, args=(find_free_port(), checkpoints, bad, out_file),
+    store = create_store(None, 2)  # the rendezvous of the two spawned ranks
+    torch.multiprocessing.spawn(_tp2_prefill_worker, args=(store.port, checkpoints, bad, out_file),
                                 nprocs=2, join=True)
     return torch.load(out_file)
 

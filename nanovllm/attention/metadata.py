@@ -2,9 +2,11 @@
 
 The model runner builds one `AttentionMetadata` per forward pass and enters
 `with forward_context(meta):` around it; leaving the block always clears it, so a stale batch
-can never leak into the next step. Tensors live on the model's device.
+can never leak into the next step. The context is per thread (a ContextVar), so engines running
+in different threads do not see each other's batches. Tensors live on the model's device.
 """
 from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass
 
 import torch
@@ -22,20 +24,20 @@ class AttentionMetadata:
     block_tables: torch.Tensor | None = None     # [num_seqs, max_blocks]; None: no cached prefix
 
 
-_current: AttentionMetadata | None = None
+_current: ContextVar[AttentionMetadata | None] = ContextVar("attention_metadata", default=None)
 
 
 @contextmanager
 def forward_context(meta: AttentionMetadata):
-    global _current
-    assert _current is None, "forward contexts do not nest"
-    _current = meta
+    assert _current.get() is None, "forward contexts do not nest"
+    token = _current.set(meta)
     try:
         yield meta
     finally:
-        _current = None
+        _current.reset(token)
 
 
 def get_attention_metadata() -> AttentionMetadata:
-    assert _current is not None, "attention ran outside forward_context()"
-    return _current
+    meta = _current.get()
+    assert meta is not None, "attention ran outside forward_context()"
+    return meta

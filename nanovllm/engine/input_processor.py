@@ -1,9 +1,10 @@
 """Input processing: the prompt forms vLLM accepts -> validated Requests with their Sequences.
 
 Every check raises ValueError / TypeError naming the bad value before anything is queued, so
-requests already in flight are never disturbed. A prompt is a str, a list of token ids,
-{"prompt": str} or {"prompt_token_ids": [...], "prompt"?: str}.
+requests already in flight are never disturbed. A prompt is a str, a list of token ids (ints,
+numpy integers included), {"prompt": str} or {"prompt_token_ids": [...], "prompt"?: str}.
 """
+from numbers import Integral
 from typing import Iterator, Sequence as SequenceT, TypedDict, Union
 
 from transformers import PreTrainedTokenizerBase
@@ -28,8 +29,21 @@ class TokensPrompt(TypedDict, total=False):
 PromptType = Union[str, list[int], TextPrompt, TokensPrompt]
 
 
+def _is_token_id(value) -> bool:
+    return type(value) is int or (isinstance(value, Integral) and not isinstance(value, bool))
+
+
 def is_token_ids(value) -> bool:
-    return isinstance(value, (list, tuple)) and all(isinstance(t, int) and not isinstance(t, bool) for t in value)
+    """A list or tuple of ints (numpy integers too; bools are not token ids)."""
+    return isinstance(value, (list, tuple)) and all(map(_is_token_id, value))
+
+
+def check_text(text: str, what: str = "prompt"):
+    """ValueError naming `text` when it cannot be encoded (a lone surrogate such as '\\ud800')."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise ValueError(f"{what} is not valid Unicode text ({e.reason} at index {e.start}): {text!r:.80}") from None
 
 
 def pair_prompts(prompts: PromptType | SequenceT[PromptType],
@@ -78,9 +92,10 @@ class InputProcessor:
         if isinstance(prompt, str):
             if self.tokenizer is None:
                 raise ValueError("prompt was given as text, but skip_tokenizer_init=True: pass token ids.")
+            check_text(prompt)
             text, token_ids = prompt, self.tokenizer.encode(prompt)
         elif is_token_ids(prompt):
-            token_ids = list(prompt)
+            token_ids = list(map(int, prompt))
         else:
             raise TypeError(f"prompt must be a str, a list of token ids, {{'prompt': str}} or "
                             f"{{'prompt_token_ids': [...]}}, got {type(prompt).__name__}: {prompt!r:.80}")

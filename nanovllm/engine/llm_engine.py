@@ -7,14 +7,19 @@ completions (logprobs, text, stop strings; a stop string ends its sequence throu
 `generate`'s loop builds no per-step outputs: untracked completions are decoded once, at the end.
 
 Bad input raises ValueError / TypeError naming it before anything is queued (input_processor.py).
-`shutdown()` (also run when the engine is garbage-collected or the interpreter exits) stops the
-workers and releases the GPU memory, shared memory and process group.
+The public methods hold one lock, so calls from several threads run one after another (a
+`generate` runs whole). `shutdown()` (also run when the engine is garbage-collected or the
+interpreter exits) stops the workers and releases the GPU memory, shared memory and process
+group; every later call raises RuntimeError.
 """
+import functools
 import itertools
 import logging
+import threading
 import time
 import weakref
-from typing import Iterable, Sequence as SequenceT
+from collections.abc import Iterable
+from typing import Sequence as SequenceT
 
 from tqdm.auto import tqdm
 
@@ -34,17 +39,30 @@ from nanovllm.worker.executor import Executor
 logger = logging.getLogger(__name__)
 
 
+def _serialized(method):
+    """Run `method` holding the engine's lock, and only while the engine is not shut down."""
+    @functools.wraps(method)
+    def wrapper(self, *args, **kwargs):
+        with self._lock:
+            if self._closed:
+                raise RuntimeError(f"this LLM has been shut down; create a new LLM to call {method.__name__}().")
+            return method(self, *args, **kwargs)
+    return wrapper
+
+
 class LLMEngine:
 
     def __init__(self, model: str, tokenizer: str | None = None, **kwargs):
         """`model`: a local folder or a hub id; `tokenizer`: where to load the tokenizer from, when
         not from the model (a folder or a hub id). Other options: those of `Config`."""
+        self._lock = threading.RLock()
+        self._closed = False
         self.config = config = Config(model, **kwargs)
+        self.tokenizer = None
+        if not config.skip_tokenizer_init:  # before the model: a missing tokenizer fails fast
+            self.tokenizer = load_tokenizer(resolve_model_path(tokenizer) if tokenizer else config.model)
         executor = Executor(config)
         try:
-            self.tokenizer = None
-            if not config.skip_tokenizer_init:
-                self.tokenizer = load_tokenizer(resolve_model_path(tokenizer) if tokenizer else config.model)
             num_blocks = executor.num_kvcache_blocks
             blocks_per_seq = -(-config.max_model_len // config.block_size)
             if blocks_per_seq > num_blocks:
@@ -78,8 +96,11 @@ class LLMEngine:
                     config.device_type)
 
     def shutdown(self):
-        """Stop the workers and free the GPU memory; the engine is unusable afterwards."""
-        self._finalizer()
+        """Stop the workers and free the GPU memory; later calls raise RuntimeError. Waits for
+        a call running in another thread to end."""
+        with self._lock:
+            self._closed = True
+            self._finalizer()
 
     def get_default_sampling_params(self) -> SamplingParams:
         """SamplingParams() with generation_config.json's temperature / top_k / top_p / min_p /
@@ -101,14 +122,24 @@ class LLMEngine:
                 self._tracked[completion.seq.seq_id] = completion
             self.scheduler.add(completion.seq)
 
+    @_serialized
     def add_request(self, request_id: str, prompt: PromptType, params: SamplingParams):
         """Validate and queue one request (vLLM's signature). `step()` then reports it each step
         it progresses. Raises ValueError for an id that an unfinished request already has."""
         self._enqueue(self._make_request(request_id, prompt, params, streamed=True))
 
+    @_serialized
     def abort_request(self, request_id: str | Iterable[str]):
         """Drop unfinished requests, freeing their KV blocks; unknown ids are ignored."""
-        for rid in [request_id] if isinstance(request_id, str) else list(request_id):
+        request_ids = [request_id] if isinstance(request_id, str) else request_id
+        if not isinstance(request_ids, Iterable):
+            raise TypeError(f"request_id must be a str or an iterable of str, got {type(request_id).__name__}: "
+                            f"{request_id!r:.80}")
+        request_ids = list(request_ids)
+        bad = next((rid for rid in request_ids if not isinstance(rid, str)), None)
+        if bad is not None:
+            raise TypeError(f"request_id must be a str or an iterable of str, got {type(bad).__name__}: {bad!r:.80}")
+        for rid in request_ids:
             request = self._requests.pop(rid, None)
             if request is None:
                 continue
@@ -118,12 +149,15 @@ class LLMEngine:
                 self._completions.pop(completion.seq.seq_id, None)
                 self._tracked.pop(completion.seq.seq_id, None)
 
+    @_serialized
     def has_unfinished_requests(self) -> bool:
         return bool(self._requests)
 
+    @_serialized
     def get_num_unfinished_requests(self) -> int:
         return len(self._requests)
 
+    @_serialized
     def is_finished(self) -> bool:
         return not self._requests and self.scheduler.is_finished()
 
@@ -163,6 +197,7 @@ class LLMEngine:
         del self._requests[request.request_id]
         return request
 
+    @_serialized
     def step(self) -> list[RequestOutput]:
         """Run one step; returns a RequestOutput (cumulative, vLLM's default) for every request
         that got tokens in it, finished or not, and for requests added here that finished during
@@ -180,6 +215,7 @@ class LLMEngine:
         outputs.extend(self.output_processor.request_output(r) for r in finished)
         return outputs
 
+    @_serialized
     def generate(self, prompts: PromptType | SequenceT[PromptType],
                  sampling_params: SamplingParams | SequenceT[SamplingParams] | None = None,
                  use_tqdm: bool = True) -> list[RequestOutput]:

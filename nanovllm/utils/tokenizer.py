@@ -1,5 +1,8 @@
 """Tokenizer loading, and what a checkpoint's generation_config.json says: the end-of-sequence
-ids, and the default sampling settings (vLLM's `get_diff_sampling_param`)."""
+ids, and the default sampling settings (vLLM's `get_diff_sampling_param`).
+
+A folder without a working tokenizer is an error naming it, never an empty tokenizer (which
+transformers makes from a config alone, and which turns every text into no tokens)."""
 import json
 import os
 
@@ -10,8 +13,24 @@ from transformers import AutoTokenizer, PretrainedConfig, PreTrainedTokenizerBas
 GENERATION_CONFIG_SAMPLING_KEYS = ("repetition_penalty", "temperature", "top_k", "top_p", "min_p", "max_new_tokens")
 
 
+# What a Hugging Face tokenizer folder holds, for the error message.
+TOKENIZER_FILES = "tokenizer_config.json with tokenizer.json, or vocab.json and merges.txt, or tokenizer.model"
+
+
 def load_tokenizer(path: str) -> PreTrainedTokenizerBase:
-    return AutoTokenizer.from_pretrained(path, use_fast=True)
+    """The tokenizer of folder `path`. Raises ValueError naming the folder when none loads from it
+    or the one that loads has no vocabulary."""
+    remedy = "pass tokenizer=<a folder or hub id that has one>, or skip_tokenizer_init=True to work with token ids"
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path, use_fast=True)
+    except Exception as e:  # transformers raises OSError, ValueError, ... by the kind of gap
+        reason = (str(e).strip().splitlines() or [""])[0]
+        raise ValueError(f"no tokenizer could be loaded from {path!r} (looked for {TOKENIZER_FILES}; "
+                         f"{type(e).__name__}: {reason}); {remedy}.") from e
+    if not tokenizer.encode("a", add_special_tokens=False):
+        raise ValueError(f"no tokenizer was found in {path!r} (looked for {TOKENIZER_FILES}; what loaded has no "
+                         f"vocabulary); {remedy}.")
+    return tokenizer
 
 
 def read_generation_config(path: str) -> dict:

@@ -4,21 +4,23 @@ executes steps (decode from CUDA graphs where captured), and on rank 0 samples.
 On construction: the model and its weights, then the KV cache, sized on the GPU from
 `gpu_memory_utilization` after a warm-up forward of the largest prefill batch, on the CPU from
 `cpu_kvcache_space_gib` (`num_gpu_blocks_override` wins over both; every rank agrees on the
-smallest count), then the CUDA graphs (on the GPU unless `enforce_eager`). Collectives go over
-NCCL on the GPU and gloo on the CPU.
+smallest count), then the CUDA graphs (on the GPU unless `enforce_eager`). The layers see the
+engine's tensor-parallel group (its owner, the executor or a worker, made it) while the model is
+built and during each forward.
 """
 import logging
 
 import torch
-import torch.distributed as dist
+from torch.distributed import ReduceOp
 
 from nanovllm.attention import FP8_DTYPE, PAD_SLOT_ID, Attention, LayerKVCache, backend_class, forward_context
 from nanovllm.config import Config
 from nanovllm.layers.compilable import CompilableOp
 from nanovllm.models import get_model_class
+from nanovllm.models.loader import load_dummy_weights, load_model
 from nanovllm.sample.metadata import SamplingSequence
 from nanovllm.sample.sampler import SampledTokens, Sampler
-from nanovllm.models.loader import load_dummy_weights, load_model
+from nanovllm.utils.parallel import TensorParallelGroup, tensor_parallel_group
 from nanovllm.worker.cuda_graph import CUDAGraphRunner
 from nanovllm.worker.inputs import StepInput, eager_inputs, upload_ints
 
@@ -27,28 +29,19 @@ logger = logging.getLogger(__name__)
 
 class ModelRunner:
 
-    def __init__(self, config: Config, rank: int, port: int):
-        """`port`: the rendezvous port of the process group (tensor_parallel_size > 1)."""
+    def __init__(self, config: Config, tp_group: TensorParallelGroup):
+        """`tp_group`: this rank's member of the engine's group; its owner destroys it."""
         self.config = config
-        self.rank = rank
-        self.world_size = config.tensor_parallel_size
+        self.tp_group = tp_group
+        self.rank = tp_group.rank
+        self.world_size = tp_group.size
         self.block_size = config.block_size
-        self.device = torch.device("cuda", rank) if config.device_type == "cuda" else torch.device("cpu")
+        self.device = torch.device("cuda", self.rank) if config.device_type == "cuda" else torch.device("cpu")
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device)
-        if self.world_size > 1:
-            backend = "nccl" if self.device.type == "cuda" else "gloo"
-            dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}",
-                                    world_size=self.world_size, rank=rank, device_id=self.device
-                                    if self.device.type == "cuda" else None)
-        try:
+        with tensor_parallel_group(tp_group):
             self._build(config)
-        except BaseException:
-            if dist.is_initialized():  # leave no half-made process group in the caller's process
-                dist.destroy_process_group()
-            raise
-        if self.world_size > 1:
-            dist.barrier()
+        tp_group.barrier(self.device)
 
     def _build(self, config: Config):
         """Model, weights, sampler, KV cache and CUDA graphs of this rank."""
@@ -88,7 +81,7 @@ class ModelRunner:
                                                 config.torch_dtype, self.device)
 
     def exit(self):
-        """Release the graphs, the cache, the model and the process group."""
+        """Release the graphs, the cache and the model."""
         if self.graph_runner is not None:
             self.graph_runner.release()
             self.graph_runner = None
@@ -96,8 +89,6 @@ class ModelRunner:
             layer.bind(self.attention_backend)
         self.kv_cache = self.kv_scales = None
         self.model = None
-        if dist.is_initialized():
-            dist.destroy_process_group()
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
             torch.cuda.empty_cache()
@@ -130,8 +121,7 @@ class ModelRunner:
             num_blocks = int(budget) // self._block_bytes()
         if self.world_size > 1:  # every rank must agree on the block count
             n = torch.tensor([num_blocks], device=self.device)
-            dist.all_reduce(n, op=dist.ReduceOp.MIN)
-            num_blocks = int(n.item())
+            num_blocks = int(self.tp_group.all_reduce(n, op=ReduceOp.MIN).item())
         if num_blocks < 1:
             raise ValueError(f"no memory is left for the KV cache (gpu_memory_utilization="
                              f"{config.gpu_memory_utilization}); raise it or lower max_num_batched_tokens.")
@@ -171,17 +161,18 @@ class ModelRunner:
     def execute_model(self, step: StepInput) -> torch.Tensor | None:
         """The forward of `step` (every rank): [num_logits_rows, vocab_size] logits on rank 0;
         None on the other ranks and when no sequence completes its prompt."""
-        if self.graph_runner is not None and self.graph_runner.can_run(step):
-            hidden_states = self.graph_runner.replay(step)
-        else:
-            input_ids, positions, meta = eager_inputs(step, self.device)
-            with forward_context(meta):
-                hidden_states = self.model(input_ids, positions)
-        if not step.logits_indices:
-            return None
-        if step.is_prefill:
-            hidden_states = hidden_states[upload_ints(self.device, step.logits_indices)[0]]
-        return self.model.compute_logits(hidden_states)
+        with tensor_parallel_group(self.tp_group):
+            if self.graph_runner is not None and self.graph_runner.can_run(step):
+                hidden_states = self.graph_runner.replay(step)
+            else:
+                input_ids, positions, meta = eager_inputs(step, self.device)
+                with forward_context(meta):
+                    hidden_states = self.model(input_ids, positions)
+            if not step.logits_indices:
+                return None
+            if step.is_prefill:
+                hidden_states = hidden_states[upload_ints(self.device, step.logits_indices)[0]]
+            return self.model.compute_logits(hidden_states)
 
     @torch.inference_mode()
     def sample(self, logits: torch.Tensor | None, seqs: list[SamplingSequence]) -> SampledTokens:
