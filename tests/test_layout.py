@@ -7,10 +7,12 @@ import nanovllm
 
 ROOT = os.path.dirname(nanovllm.__file__)
 # Top to bottom. The top-level modules (llm, config, sampling_params, outputs) are placed by what
-# they import: llm.py at the top, config.py above attention (it checks the backend choice), the
-# plain data definitions (sampling_params, outputs) at the bottom with utils.
+# they import: llm.py at the top (ray/ below it: LLM may build its data-parallel engine), config.py
+# above attention (it checks the backend choice), the plain data definitions (sampling_params,
+# outputs) at the bottom with utils.
 LAYERS = [
     {"llm"},
+    {"ray"},
     {"engine"},
     {"worker"},
     {"models"},
