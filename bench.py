@@ -5,6 +5,7 @@
     python bench.py --model PATH                 # a real checkpoint
     python bench.py --model PATH --load-format dummy   # a folder holding only config.json
     python bench.py --latency                    # decode tok/s and ms/step at batch 1, 8, 64
+    python bench.py --data-parallel-size 2       # two replicas on Ray (the `ray` extra)
 
 Default workload: random.seed(0); 256 sequences; prompt i is randint(100, 1024) random token ids
 in [0, 10000]; then one SamplingParams(temperature=0.6, ignore_eos=True,
@@ -61,6 +62,9 @@ def parse_args():
     parser.add_argument("--max-model-len", type=int, default=4096)
     parser.add_argument("--tensor-parallel-size", type=int, default=1)
     parser.add_argument("--enforce-eager", action="store_true")
+    parser.add_argument("--data-parallel-size", type=int, default=1, help="engine replicas, on Ray")
+    parser.add_argument("--data-parallel-backend", choices=["ray"],
+                        help="'ray': replicas on Ray even with --data-parallel-size 1")
     parser.add_argument("--latency", action="store_true", help="decode latency at batch sizes 1, 8, 64")
     parser.add_argument("--mixed-sampling", action="store_true",
                         help="also run the workload with a mix of greedy, top-k/top-p and penalised requests")
@@ -69,7 +73,8 @@ def parse_args():
 
 def make_llm(args) -> LLM:
     options = dict(enforce_eager=args.enforce_eager, max_model_len=args.max_model_len,
-                   tensor_parallel_size=args.tensor_parallel_size)
+                   tensor_parallel_size=args.tensor_parallel_size, data_parallel_size=args.data_parallel_size,
+                   data_parallel_backend=args.data_parallel_backend)
     if args.model is None:
         folder = tempfile.mkdtemp(prefix="nanovllm-bench-")
         with open(os.path.join(folder, "config.json"), "w") as f:
@@ -106,7 +111,8 @@ def workloads(args) -> tuple[list[int], dict[str, tuple[list[list[int]], list[Sa
     return warm_up, variants
 
 
-def throughput(llm: LLM, args):
+def throughput(llm: LLM, args) -> dict[str, float]:
+    """Tokens per second of each workload variant, printed and returned."""
     warm_up, variants = workloads(args)
     llm.generate([warm_up], SamplingParams(), use_tqdm=False)
     results = {}
@@ -120,6 +126,7 @@ def throughput(llm: LLM, args):
         print(f"{label}Total: {total_tokens}tok, Time: {elapsed:.2f}s, Throughput: {results[name]:.2f}tok/s")
     if args.mixed_sampling:
         print(f"mixed / plain throughput: {results['mixed'] / results['plain']:.3f}")
+    return results
 
 
 def decode_latency(llm: LLM, batch_size: int, prompt_len: int = 128, max_tokens: int = 512) -> tuple[float, float]:
@@ -149,6 +156,8 @@ def latency(llm: LLM):
 
 def main():
     args = parse_args()
+    if args.latency and (args.data_parallel_size > 1 or args.data_parallel_backend):
+        raise SystemExit("--latency steps one engine: it does not go with --data-parallel-size / -backend.")
     llm = make_llm(args)
     try:
         latency(llm) if args.latency else throughput(llm, args)
