@@ -37,7 +37,8 @@ def main():
     parser.add_argument("output", help="the folder the output Parquet files go to")
     parser.add_argument("--model", required=True)
     parser.add_argument("--concurrency", type=int, default=1, help="engines (Ray actors)")
-    parser.add_argument("--batch-size", type=int, default=256, help="rows per engine call (a generate call: larger, fuller batches)")
+    parser.add_argument("--batch-size", type=int, default=256,
+                        help="rows per engine call (one generate: larger means fuller batches)")
     parser.add_argument("--tensor-parallel-size", type=int, default=1)
     parser.add_argument("--max-tokens", type=int, default=256)
     parser.add_argument("--temperature", type=float, default=0.0)

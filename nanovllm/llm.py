@@ -112,7 +112,8 @@ class LLM:
         return self.llm_engine.get_default_sampling_params()
 
     def shutdown(self):
-        """Release GPU memory, worker processes and shared memory now (also done on `del`)."""
+        """Release GPU memory, worker processes and shared memory now (also done on `del`); with
+        data parallelism, the replicas' Ray actors and placement groups."""
         self.llm_engine.shutdown()
 
 

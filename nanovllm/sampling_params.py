@@ -140,7 +140,8 @@ class SamplingParams:
             if self.truncate_prompt_tokens < 1:
                 raise ValueError(f"truncate_prompt_tokens must be >= 1, got {self.truncate_prompt_tokens}")
         if self.output_kind not in (RequestOutputKind.CUMULATIVE, RequestOutputKind.FINAL_ONLY):
-            raise ValueError(f"output_kind must be RequestOutputKind.CUMULATIVE or FINAL_ONLY, got {self.output_kind!r}.")
+            raise ValueError(f"output_kind must be RequestOutputKind.CUMULATIVE or FINAL_ONLY, "
+                             f"got {self.output_kind!r}.")
         if not all(isinstance(s, str) for s in self.stop):
             raise TypeError(f"stop must be a str or a list of str, got {self.stop!r}.")
         if any(not s for s in self.stop):

@@ -57,9 +57,9 @@ def _same_completions(got, want):
 
 
 def test_generate_matches_one_engine(dp_llm, llm):
-    greedy = [SamplingParams(temperature=0, max_tokens=4 + 3 * i) for i in range(len(PROMPTS))]
+    greedy = [SamplingParams(temperature=0, max_tokens=4 + 2 * i) for i in range(len(PROMPTS))]
     _same_completions(dp_llm.generate(PROMPTS, greedy, use_tqdm=False), llm.generate(PROMPTS, greedy, use_tqdm=False))
-    seeded = SamplingParams(temperature=0.8, top_k=50, seed=7, n=2, logprobs=2, max_tokens=12, stop=["\n"])
+    seeded = SamplingParams(temperature=0.8, top_k=50, seed=7, n=2, logprobs=2, max_tokens=8, stop=["\n"])
     _same_completions(dp_llm.generate(PROMPTS, seeded, use_tqdm=False), llm.generate(PROMPTS, seeded, use_tqdm=False))
     assert len(dp_llm.llm_engine.replicas) == 2
 
@@ -84,6 +84,16 @@ def test_bad_input_raises_before_work(dp_llm, ray_cluster, qwen3_tied):
         LLM(qwen3_tied, data_parallel_size=8, device="cpu", **ENGINE_ARGS)
     with pytest.raises(ValueError, match="data_parallel_backend must be 'ray'"):
         LLM(qwen3_tied, data_parallel_backend="mp", **ENGINE_ARGS)
+
+
+def test_failed_start_names_the_replica_and_frees_its_resources(dp_llm, qwen3_tied):
+    free = ray.available_resources()["CPU"]
+    with pytest.raises(RuntimeError, match=r"(?s)replica \d failed to start.*fewer than one sequence"):
+        LLM(qwen3_tied, data_parallel_size=2, device="cpu", **{**ENGINE_ARGS, "num_gpu_blocks_override": 1})
+    deadline = time.monotonic() + CALL_TIMEOUT_S  # placement groups are removed asynchronously
+    while ray.available_resources().get("CPU", 0) < free and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert ray.available_resources()["CPU"] == free
 
 
 def test_predictor_batch(qwen3_tied, llm):

@@ -36,6 +36,9 @@ class LLMPredictor:
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """Generate for every row of `batch`; raises ValueError / TypeError on a bad row before
         anything runs."""
+        if not isinstance(batch, dict):
+            raise TypeError(f"LLMPredictor takes numpy batches (map_batches' default batch_format), "
+                            f"got {type(batch).__name__}.")
         num_rows = len(next(iter(batch.values()))) if batch else 0
         prompts = [_prompt(batch, row) for row in range(num_rows)]
         row_params = batch.get("sampling_params")

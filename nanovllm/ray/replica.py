@@ -77,9 +77,11 @@ class Replica:
 def start_replicas(count: int, model: str, tokenizer: str | None, engine_kwargs: dict,
                    use_gpu: bool) -> list[Replica]:
     """Start `count` replicas, each on its own placement group, and wait until all are ready.
-    Raises RuntimeError naming the replica and the cause when one cannot be placed or started
-    (the others are stopped first)."""
+    A given `distributed_port` becomes port + replica index (replicas may share a node). Raises
+    RuntimeError naming the replica and the cause when one cannot be placed or started (the
+    others are stopped first)."""
     tp = engine_kwargs.get("tensor_parallel_size", 1)
+    port = engine_kwargs.get("distributed_port")
     bundle = {"GPU": tp, "CPU": tp} if use_gpu else {"CPU": tp}
     groups = [placement_group([bundle], strategy="STRICT_PACK") for _ in range(count)]
     actor_cls = ray.remote(EngineReplica)
@@ -90,10 +92,11 @@ def start_replicas(count: int, model: str, tokenizer: str | None, engine_kwargs:
                 raise RuntimeError(f"data-parallel replica {index} could not get {bundle} within "
                                    f"{PLACEMENT_TIMEOUT_S}s; the Ray cluster has {ray.available_resources()} free.")
         for index, group in enumerate(groups):
+            kwargs = engine_kwargs if port is None else {**engine_kwargs, "distributed_port": port + index}
             actor = actor_cls.options(
                 num_cpus=tp, num_gpus=tp if use_gpu else 0,
                 scheduling_strategy=PlacementGroupSchedulingStrategy(group, placement_group_bundle_index=0),
-            ).remote(model, tokenizer, engine_kwargs)
+            ).remote(model, tokenizer, kwargs)
             replicas.append(Replica(index, actor, group))
         infos = [replica.actor.info.remote() for replica in replicas]
         for replica, info in zip(replicas, infos):
