@@ -7,6 +7,7 @@
     python bench.py --latency                    # decode tok/s and ms/step at batch 1, 8, 64
     python bench.py --quantization fp8           # FP8 weights (random weights: quantized at load time)
     python bench.py --attention-backend triton --kv-cache-dtype fp8 --block-size 16   # the KV path
+    python bench.py --data-parallel-size 2       # two replicas on Ray (the `ray` extra)
 
 Default workload: random.seed(0); 256 sequences; prompt i is randint(100, 1024) random token ids
 in [0, 10000]; then one SamplingParams(temperature=0.6, ignore_eos=True,
@@ -77,7 +78,7 @@ def positive_int(text: str) -> int:
     return value
 
 
-def parse_args():
+def parse_args(argv: list[str] | None = None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", help="checkpoint folder; default: --dummy-config with random weights")
     parser.add_argument("--dummy-config", default="Qwen3-0.6B", choices=sorted(DUMMY_CONFIGS))
@@ -93,12 +94,15 @@ def parse_args():
     parser.add_argument("--attention-backend", default="auto", choices=["auto", "flash_attn", "triton", "torch"])
     parser.add_argument("--block-size", type=positive_int, default=None, help="tokens per KV block (default: the backend's)")
     parser.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "fp8", "fp8_e4m3"])
+    parser.add_argument("--data-parallel-size", type=positive_int, default=1, help="engine replicas, on Ray")
+    parser.add_argument("--data-parallel-backend", choices=["ray"],
+                        help="'ray': replicas on Ray even with --data-parallel-size 1")
     parser.add_argument("--latency", action="store_true", help="decode latency at batch sizes 1, 8, 64")
     parser.add_argument("--with-latency", action="store_true", help="the throughput workload, then --latency")
     parser.add_argument("--repeat", type=positive_int, default=1, help="time each workload this many times")
     parser.add_argument("--mixed-sampling", action="store_true",
                         help="also run the workload with a mix of greedy, top-k/top-p and penalised requests")
-    return parser.parse_args()
+    return parser.parse_args(argv)
 
 
 def make_llm(args, folder: str) -> LLM:
@@ -107,7 +111,8 @@ def make_llm(args, folder: str) -> LLM:
     options = dict(enforce_eager=args.enforce_eager, max_model_len=args.max_model_len,
                    tensor_parallel_size=args.tensor_parallel_size, quantization=args.quantization,
                    attention_backend=args.attention_backend, block_size=args.block_size,
-                   kv_cache_dtype=args.kv_cache_dtype)
+                   kv_cache_dtype=args.kv_cache_dtype, data_parallel_size=args.data_parallel_size,
+                   data_parallel_backend=args.data_parallel_backend)
     if args.model is None:
         with open(os.path.join(folder, "config.json"), "w") as f:
             json.dump(DUMMY_CONFIGS[args.dummy_config], f)
@@ -144,7 +149,8 @@ def workloads(args) -> tuple[list[int], dict[str, tuple[list[list[int]], list[Sa
     return warm_up, variants
 
 
-def throughput(llm: LLM, args, show_progress: bool):
+def throughput(llm: LLM, args, show_progress: bool = False) -> dict[str, float]:
+    """Tokens per second of each workload variant, printed and returned."""
     warm_up, variants = workloads(args)
     llm.generate([warm_up], SamplingParams(), use_tqdm=False)
     results = {}
@@ -158,6 +164,7 @@ def throughput(llm: LLM, args, show_progress: bool):
         print(f"{label}Total: {total_tokens}tok, Time: {elapsed:.2f}s, Throughput: {results[name]:.2f}tok/s")
     if args.mixed_sampling:
         print(f"mixed / plain throughput: {results['mixed'] / results['plain']:.3f}")
+    return results
 
 
 def decode_latency(llm: LLM, batch_size: int, prompt_len: int = 128, max_tokens: int = 512,
@@ -192,6 +199,8 @@ def latency(llm: LLM, show_progress: bool, repeat: int = 1):
 
 def main():
     args = parse_args()
+    if args.latency and (args.data_parallel_size > 1 or args.data_parallel_backend):
+        raise SystemExit("--latency steps one engine: it does not go with --data-parallel-size / -backend.")
     on_cpu = not torch.cuda.is_available()
     if on_cpu:  # progress bars only here: they cost time on a fast GPU run
         print("No GPU: running on the CPU, where the default workload (256 sequences of up to 1024 + 1024 "

@@ -31,10 +31,13 @@ ChatMessage = dict  # {"role": str, "content": str | [{"type": "text", "text": s
 
 
 class LLM:
-    """Owns one LLMEngine (`llm.llm_engine`)."""
+    """Owns one LLMEngine (`llm.llm_engine`), or with `data_parallel_size` > 1 (or
+    `data_parallel_backend="ray"`) a DataParallelEngine of that many replicas on Ray (nanovllm/ray/;
+    needs the `ray` extra), whose `llm_engine` has `generate` but no `add_request` / `step` loop."""
 
     def __init__(self, model: str, tokenizer: str | None = None, *, revision: str | None = None,
-                 download_dir: str | None = None, **kwargs):
+                 download_dir: str | None = None, data_parallel_size: int = 1,
+                 data_parallel_backend: str | None = None, **kwargs):
         for name in VLLM_OPTIONS_WITHOUT_EFFECT:
             if name in kwargs:
                 logger.info("vLLM option %s=%r has no effect here", name, kwargs.pop(name))
@@ -45,7 +48,13 @@ class LLM:
             del kwargs["seed"]
         if revision is not None or download_dir is not None:
             model = resolve_model_path(model, revision, download_dir)
-        self.llm_engine = LLMEngine(model, tokenizer=tokenizer, **kwargs)
+        if data_parallel_backend not in (None, "ray"):
+            raise ValueError(f"data_parallel_backend must be 'ray' (or None), got {data_parallel_backend!r}.")
+        if data_parallel_size != 1 or data_parallel_backend == "ray":
+            from nanovllm.ray.data_parallel import DataParallelEngine
+            self.llm_engine = DataParallelEngine(model, tokenizer, data_parallel_size, **kwargs)
+        else:
+            self.llm_engine = LLMEngine(model, tokenizer=tokenizer, **kwargs)
 
     def generate(self, prompts: PromptType | list[PromptType] | None = None,
                  sampling_params: SamplingParams | list[SamplingParams] | None = None,
@@ -104,8 +113,9 @@ class LLM:
         return self.llm_engine.get_default_sampling_params()
 
     def shutdown(self):
-        """Release GPU memory, worker processes and shared memory now (also done on `del`); every
-        later call raises RuntimeError."""
+        """Release GPU memory, worker processes and shared memory now (also done on `del`); with
+        data parallelism, the replicas' Ray actors and placement groups. Every later call raises
+        RuntimeError."""
         self.llm_engine.shutdown()
 
 

@@ -8,16 +8,25 @@ a list, `seed=-1` becomes None, `logprobs=True` becomes 1, temperatures in (0, 0
 
 Field order is vLLM's, so positional and keyword calls written for vLLM mean the same here.
 Fields of vLLM that change nothing here are accepted only at their default (`best_of` may equal
-`n`); anything else raises, so no setting is silently ignored.
+`n`); anything else raises, so no setting is silently ignored. `output_kind` (vLLM's
+`RequestOutputKind`) says what `LLMEngine.step()` reports for a request: CUMULATIVE, every step
+it progresses; FINAL_ONLY, once, when it finishes (`generate` always reports once).
 """
 import logging
 import math
 from dataclasses import dataclass, field
+from enum import Enum
 from functools import partial
 
 logger = logging.getLogger(__name__)
 
 _MAX_TEMP = 1e-2  # vLLM's floor for non-zero temperatures (below it, softmax overflows)
+
+
+class RequestOutputKind(Enum):
+    CUMULATIVE = 0  # everything so far, every step
+    DELTA = 1       # not supported
+    FINAL_ONLY = 2  # only the finished output
 
 
 @dataclass(frozen=True)
@@ -45,6 +54,7 @@ class SamplingParams:
     logits_processors: list | None = None       # not supported: None only
     include_stop_str_in_output: bool = False
     truncate_prompt_tokens: int | None = None   # keep only the last k prompt tokens
+    output_kind: RequestOutputKind = RequestOutputKind.CUMULATIVE
     # Derived at construction: True when only `temperature` matters to the sampler, so a batch of
     # such requests takes the plain temperature-sampling path.
     temperature_only: bool = field(init=False, repr=False, compare=False)
@@ -129,6 +139,9 @@ class SamplingParams:
             _check_int("truncate_prompt_tokens", self.truncate_prompt_tokens)
             if self.truncate_prompt_tokens < 1:
                 raise ValueError(f"truncate_prompt_tokens must be >= 1, got {self.truncate_prompt_tokens}")
+        if self.output_kind not in (RequestOutputKind.CUMULATIVE, RequestOutputKind.FINAL_ONLY):
+            raise ValueError(f"output_kind must be RequestOutputKind.CUMULATIVE or FINAL_ONLY, "
+                             f"got {self.output_kind!r}.")
         if not all(isinstance(s, str) for s in self.stop):
             raise TypeError(f"stop must be a str or a list of str, got {self.stop!r}.")
         if any(not s for s in self.stop):

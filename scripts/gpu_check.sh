@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Everything the GPU machine checks, in one go: GPU tests, then benchmarks; a summary last.
-# Usage (repo root, on the GPU machine): bash scripts/gpu_check.sh [tests|bench|latency|bench8b|families|mixed|sampler|profile|tp|all]...
-# tp needs two GPUs (device kind nvidia-h200-x2); all runs tests, bench and latency.
+# Usage (repo root, on the GPU machine): bash scripts/gpu_check.sh [tests|bench|latency|bench8b|families|mixed|sampler|profile|tp|ray|ray2|all]...
+# tp needs two GPUs (device kind nvidia-h200-x2); all runs tests, bench and latency. ray (Ray dp=1 vs
+# the plain engine) and ray2 (dp=2, two GPUs) need Ray importable (the `ray` extra).
 # Expects flash-attn's wheel in .gpu/ (see README), installs it into /tmp/site.
 set -uo pipefail
 python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .gpu/*.whl >/dev/null 2>&1
@@ -30,6 +31,9 @@ for what in "${@:-all}"; do
         for i in 1 2; do python3 bench.py --tensor-parallel-size 2 2>&1 | tee -a "$OUT/bench_tp2.log"; done
         summary+=("tp tests: $(tail -n 1 "$OUT/tp_tests.log")" "bench tp=2: $(grep Throughput "$OUT/bench_tp2.log" | tr '\n' ' ')"
                   "left over: $(nvidia-smi --query-compute-apps=pid --format=csv,noheader | wc -l) GPU processes, $(ls /dev/shm | grep -c nanovllm) shared-memory segments") ;;
+    ray|ray2) dp=$([ "$what" = ray2 ] && echo 2 || echo 1)
+        for i in 1 2; do python3 scripts/bench_ray.py --data-parallel-size $dp 2>&1 | tee -a "$OUT/bench_$what.log"; done
+        summary+=("ray dp=$dp vs plain: $(grep -E 'Throughput|/ plain' "$OUT/bench_$what.log" | tr '\n' ' ')") ;;
     bench8b) for i in 1 2; do python3 bench.py --dummy-config Qwen3-8B 2>&1 | tee -a "$OUT/bench8b.log"; done
                summary+=("bench 8B: $(grep Throughput "$OUT/bench8b.log" | tr '\n' ' ')") ;;
   esac

@@ -122,9 +122,7 @@ def main():
     parser.add_argument("--num-seqs", type=int, default=256)
     args = parser.parse_args()
     folder = tempfile.TemporaryDirectory(prefix="nanovllm-profile-")
-    llm = bench.make_llm(argparse.Namespace(model=None, dummy_config="Qwen3-0.6B", enforce_eager=False,
-                                            max_model_len=4096, tensor_parallel_size=1, load_format="auto"),
-                         folder.name)
+    llm = bench.make_llm(bench.parse_args([]), folder.name)  # bench.py's defaults
     warm_up, variants = bench.workloads(argparse.Namespace(num_seqs=args.num_seqs, max_input_len=1024,
                                                            max_output_len=1024, mixed_sampling=True))
     llm.generate([warm_up], SamplingParams(), use_tqdm=False)

@@ -16,6 +16,7 @@ from transformers import AutoModelForCausalLM
 from fixtures.checkpoints import ENGINE_ARGS, write_tiny_qwen3
 from fixtures.tokenizer import IM_END_ID
 from nanovllm import LLM, SamplingParams, TokensPrompt
+from nanovllm.sampling_params import RequestOutputKind
 
 PROMPT = "The capital of France is a city that"
 IDS = list(range(1000, 1040))  # 2.5 blocks of 16 tokens
@@ -316,6 +317,30 @@ def test_add_request_step_abort(llm, tokenizer, reference):
     engine.add_request("a", PROMPT, greedy(max_tokens=2))  # a finished id may be used again
     engine.abort_request("a")
     assert not engine.has_unfinished_requests()
+
+
+def test_final_only_requests_are_reported_once(llm, reference):
+    """output_kind FINAL_ONLY (what the data-parallel replicas use): one report, when finished,
+    even for a request that needs per-step work (logprobs)."""
+    engine = llm.llm_engine
+    engine.add_request("final", PROMPT, greedy(max_tokens=6, logprobs=1, output_kind=RequestOutputKind.FINAL_ONLY))
+    engine.add_request("each", PROMPT, greedy(max_tokens=3))
+    seen = []
+    while engine.has_unfinished_requests():
+        seen += engine.step()
+    [final] = [o for o in seen if o.request_id == "final"]
+    assert final.finished and final.outputs[0].token_ids == reference[:6] and len(final.outputs[0].logprobs) == 6
+    assert len([o for o in seen if o.request_id == "each"]) == 3
+    with pytest.raises(ValueError, match="output_kind"):
+        SamplingParams(output_kind=RequestOutputKind.DELTA)
+
+
+def test_data_parallel_without_ray_names_the_extra(qwen3_tied, monkeypatch):
+    monkeypatch.setitem(sys.modules, "ray", None)  # as if Ray were not installed
+    for name in [m for m in sys.modules if m.startswith("nanovllm.ray")]:
+        monkeypatch.delitem(sys.modules, name)
+    with pytest.raises(ImportError, match=r"pip install nano-vllm\[ray\]"):
+        LLM(qwen3_tied, data_parallel_size=2, **ENGINE_ARGS)
 
 
 def test_bad_input_raises_naming_it_and_the_engine_keeps_serving(llm, qwen3_tied, reference):

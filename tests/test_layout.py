@@ -7,10 +7,12 @@ import nanovllm
 
 ROOT = os.path.dirname(nanovllm.__file__)
 # Top to bottom. The top-level modules (llm, config, sampling_params, outputs) are placed by what
-# they import: llm.py at the top, config.py above models and attention (it reads the model config
-# and resolves the attention backend), the plain data definitions at the bottom with utils.
+# they import: llm.py at the top (ray/ below it: LLM may build its data-parallel engine), config.py
+# above models and attention (it reads the model config and resolves the attention backend), the
+# plain data definitions at the bottom with utils.
 LAYERS = [
     {"llm"},
+    {"ray"},
     {"engine"},
     {"worker"},
     {"config"},

@@ -30,7 +30,7 @@ from nanovllm.engine.request import Completion, Request
 from nanovllm.engine.scheduler import Scheduler
 from nanovllm.engine.sequence import Sequence
 from nanovllm.outputs import RequestOutput
-from nanovllm.sampling_params import SamplingParams
+from nanovllm.sampling_params import RequestOutputKind, SamplingParams
 from nanovllm.utils.hub import resolve_model_path
 from nanovllm.utils.tokenizer import (default_sampling_overrides, eos_token_ids, load_tokenizer,
                                       read_generation_config)
@@ -125,8 +125,10 @@ class LLMEngine:
     @_serialized
     def add_request(self, request_id: str, prompt: PromptType, params: SamplingParams):
         """Validate and queue one request (vLLM's signature). `step()` then reports it each step
-        it progresses. Raises ValueError for an id that an unfinished request already has."""
-        self._enqueue(self._make_request(request_id, prompt, params, streamed=True))
+        it progresses, or only when it finishes with `params.output_kind` FINAL_ONLY. Raises
+        ValueError for an id that an unfinished request already has."""
+        final_only = isinstance(params, SamplingParams) and params.output_kind is RequestOutputKind.FINAL_ONLY
+        self._enqueue(self._make_request(request_id, prompt, params, streamed=not final_only))
 
     @_serialized
     def abort_request(self, request_id: str | Iterable[str]):
@@ -209,7 +211,7 @@ class LLMEngine:
         reported = {id(r) for r in finished}
         for completion in progressed:
             request = completion.request
-            if id(request) not in reported:
+            if request.streamed and id(request) not in reported:
                 reported.add(id(request))
                 outputs.append(self.output_processor.request_output(request))
         outputs.extend(self.output_processor.request_output(r) for r in finished)

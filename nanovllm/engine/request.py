@@ -35,6 +35,6 @@ class Request:
     prompt: str | None
     prompt_token_ids: list[int]
     params: SamplingParams
-    streamed: bool  # added through add_request: step() reports it every step
+    streamed: bool  # added through add_request, CUMULATIVE: step() reports it every step
     completions: list[Completion] = field(default_factory=list)
     num_unfinished: int = 0
