@@ -16,7 +16,7 @@ import itertools
 import torch
 import triton
 
-from nanovllm.attention.kv_store import FP8_DTYPE, quantize_fp8
+from nanovllm.attention.kv_store import quantize_fp8
 from nanovllm.attention.triton_decode import DECODE_CONFIGS, FP8_DECODE_CONFIGS, decode_splits, paged_decode
 from nanovllm.attention.triton_prefill import PREFILL_CONFIGS, paged_prefill
 

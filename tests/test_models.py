@@ -17,14 +17,12 @@ import torch.distributed as dist
 from transformers import AutoConfig, AutoModelForCausalLM, LlamaConfig, MistralConfig, Qwen2Config
 
 from fixtures.checkpoints import write_tiny_decoder
+from fixtures.prefill import nanovllm_prefill_logits, tp2_prefill_logits
 from nanovllm import LLM, SamplingParams
 from nanovllm.layers.rotary_embedding import rope_inv_freq
 from nanovllm.models import MODEL_REGISTRY, get_model_class
 from nanovllm.models.llama import MistralForCausalLM
 from nanovllm.models.qwen2 import Qwen2ForCausalLM
-from nanovllm.attention import PAD_SLOT_ID, AttentionMetadata, forward_context
-from nanovllm.models.loader import load_model
-from nanovllm.utils.parallel import connect_store, create_store, join_group, tensor_parallel_group
 
 # Short original context so that all three bands of the llama3 scaling act within the test prompts.
 LLAMA3_SCALING = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
@@ -89,26 +87,6 @@ def hf_logits(model, batch: list[list[int]]) -> list[torch.Tensor]:
         return [model(torch.tensor([p])).logits[0] for p in batch]
 
 
-def nanovllm_prefill_logits(path: str, batch: list[list[int]]) -> torch.Tensor | None:
-    """Build the model as the model runner does (in the current tensor-parallel group, if any)
-    and run one prefill of `batch`; [total_tokens, vocab_size] on rank 0, None elsewhere."""
-    hf_config = AutoConfig.from_pretrained(path)
-    model = get_model_class(hf_config)(hf_config)
-    load_model(model, path)
-    cu = [0]
-    for p in batch:
-        cu.append(cu[-1] + len(p))
-    cu_seqlens = torch.tensor(cu, dtype=torch.int32)
-    max_len = max(map(len, batch))
-    meta = AttentionMetadata(is_prefill=True, slot_mapping=torch.full((cu[-1],), PAD_SLOT_ID, dtype=torch.int32),
-                             cu_seqlens_q=cu_seqlens, cu_seqlens_k=cu_seqlens, max_seqlen_q=max_len,
-                             max_seqlen_k=max_len)
-    input_ids = torch.tensor([t for p in batch for t in p])
-    positions = torch.tensor([i for p in batch for i in range(len(p))])
-    with torch.no_grad(), forward_context(meta):
-        return model.compute_logits(model(input_ids, positions))
-
-
 def assert_logits_match(logits: torch.Tensor, refs: list[torch.Tensor]):
     start = 0
     for ref in refs:
@@ -161,31 +139,12 @@ def test_checkpoint_configs_exercise_what_they_claim(checkpoints):
 
 # ---- parity, tp=2 --------------------------------------------------------------------------------
 
-def _tp2_prefill_worker(rank: int, port: int, paths: dict[str, str], bad_kv_heads_path: str, out_file: str):
-    group = join_group(connect_store(port, 2), rank, 2, "cpu")
-    try:
-        with tensor_parallel_group(group):
-            results = {name: nanovllm_prefill_logits(path, prompts()) for name, path in paths.items()}
-            try:  # 4 heads, 1 KV head: refused on every rank before any collective
-                nanovllm_prefill_logits(bad_kv_heads_path, prompts())
-            except ValueError as e:
-                results["kv_heads_error"] = str(e)
-        if rank == 0:
-            torch.save(results, out_file)
-    finally:
-        group.destroy()
-
-
 @pytest.fixture(scope="module")
 def tp2_prefill(checkpoints, tmp_path_factory) -> dict:
     """Rank 0's prefill logits of every checkpoint in one spawned tp=2 gloo group."""
     tmp = tmp_path_factory.mktemp("tp2")
     bad = write_tiny_decoder(tmp / "kv1", "LlamaForCausalLM", num_key_value_heads=1)
-    out_file = str(tmp / "logits.pt")
-    store = create_store(None, 2)  # the rendezvous of the two spawned ranks
-    torch.multiprocessing.spawn(_tp2_prefill_worker, args=(store.port, checkpoints, bad, out_file),
-                                nprocs=2, join=True)
-    return torch.load(out_file)
+    return tp2_prefill_logits(checkpoints, bad, prompts(), str(tmp / "logits.pt"))
 
 
 @pytest.mark.parametrize("name", CHECKPOINTS)
@@ -194,7 +153,7 @@ def test_tp2_prefill_logits_match_transformers(name, tp2_prefill, hf_models):
 
 
 def test_tp2_kv_heads_not_divisible_raises(tp2_prefill):
-    assert tp2_prefill.get("kv_heads_error") == \
+    assert tp2_prefill.get("refused") == \
         "num_key_value_heads (1) must be divisible by tensor_parallel_size (2)."
 
 

@@ -18,13 +18,13 @@ from safetensors.torch import load_file, save_file
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from fixtures.checkpoints import write_tiny_decoder
+from fixtures.prefill import nanovllm_prefill_logits, tp2_prefill_logits
 from kernel_checks import run_interpreted
 from nanovllm import LLM
 from nanovllm.layers.fused_moe import FusedMoE
 from nanovllm.models import get_model_class
 from nanovllm.models.loader import load_model
-from nanovllm.utils.parallel import find_free_port
-from test_models import (ENGINE_ARGS, GREEDY, assert_logits_match, completions, hf_logits, nanovllm_prefill_logits,
+from test_models import (ENGINE_ARGS, GREEDY, assert_logits_match, completions, hf_logits,
                          prompts)
 
 MOE_SHAPE = dict(moe_intermediate_size=32, intermediate_size=96)
@@ -108,29 +108,12 @@ def test_greedy_batch_matches_transformers(name, checkpoints, hf_models):
 
 # ---- parity, tp=2 --------------------------------------------------------------------------------
 
-def _tp2_prefill_worker(rank: int, port: int, paths: dict[str, str], odd_path: str, out_file: str):
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", world_size=2, rank=rank)
-    try:
-        results = {name: nanovllm_prefill_logits(path, prompts()) for name, path in paths.items()}
-        try:  # moe_intermediate_size 33: refused on every rank before any collective
-            nanovllm_prefill_logits(odd_path, prompts())
-        except ValueError as e:
-            results["odd_error"] = str(e)
-        if rank == 0:
-            torch.save(results, out_file)
-    finally:
-        dist.destroy_process_group()
-
-
 @pytest.fixture(scope="module")
 def tp2_prefill(checkpoints, tmp_path_factory) -> dict:
     """Rank 0's prefill logits of every checkpoint in one spawned tp=2 gloo group."""
     tmp = tmp_path_factory.mktemp("tp2")
     odd = write(tmp / "odd", "top2", moe_intermediate_size=33)
-    out_file = str(tmp / "logits.pt")
-    torch.multiprocessing.spawn(_tp2_prefill_worker, args=(find_free_port(), checkpoints, odd, out_file),
-                                nprocs=2, join=True)
-    return torch.load(out_file)
+    return tp2_prefill_logits(checkpoints, odd, prompts(), str(tmp / "logits.pt"))
 
 
 @pytest.mark.parametrize("name", CHECKPOINTS)
@@ -139,7 +122,7 @@ def test_tp2_prefill_logits_match_transformers(name, tp2_prefill, hf_models):
 
 
 def test_tp2_moe_intermediate_size_not_divisible_raises(tp2_prefill):
-    assert tp2_prefill.get("odd_error") == \
+    assert tp2_prefill.get("refused") == \
         "moe_intermediate_size (33) must be divisible by tensor_parallel_size (2)."
 
 

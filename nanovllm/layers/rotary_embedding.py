@@ -7,7 +7,6 @@ float32 and is cast back. The inverse frequencies are rescaled as the config's r
 import math
 
 import torch
-from torch import nn
 
 from nanovllm.layers.compilable import CompilableOp
 
