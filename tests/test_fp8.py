@@ -20,6 +20,7 @@ from transformers import AutoModelForCausalLM, Qwen3Config
 
 from fixtures.checkpoints import write_tiny_decoder
 from kernel_checks import run_interpreted
+from test_gpu import worst_relative_gap
 from nanovllm import LLM, SamplingParams
 from nanovllm.config import Config
 from nanovllm.layers.quantization.config import Fp8Config, resolve_quant_config
@@ -231,19 +232,6 @@ def test_fp8_kernels_gpu():
     for M in (1, 16, 100, 300):
         check("cuda", M=M, N=6144, K=4096, configs=[[16, 64, 4], [64, 128, 1], [128, 128, 1]])
     check("cuda", M=7, N=200, K=330, configs=[[16, 64, 2], [16, 128, 3]])
-
-
-def worst_relative_gap(hf_fp32, batch: list[list[int]], outputs: list[list[int]]) -> float:
-    """Teacher-forced: how far below the float32 reference's best token (relative to the top
-    logit) the worst token of the greedy outputs scores, each judged on its own prefix."""
-    worst = 0.0
-    for prompt, out in zip(batch, outputs, strict=True):
-        with torch.no_grad():
-            logits = hf_fp32(torch.tensor([prompt + out], device="cuda")).logits[0, len(prompt) - 1:-1]
-        top = logits.max(-1).values
-        chosen = logits.gather(1, torch.tensor(out, device="cuda").unsqueeze(1)).squeeze(1)
-        worst = max(worst, ((top - chosen) / top.abs()).max().item())
-    return worst
 
 
 @pytest.mark.gpu

@@ -8,11 +8,9 @@ from torch import nn
 from transformers import PretrainedConfig
 
 from nanovllm.layers.activation import SiluAndMul
-from nanovllm.layers.fused_moe import make_expert_params_mapping
 from nanovllm.layers.linear import MergedColumnParallelLinear, ReplicatedLinear, RowParallelLinear
-from nanovllm.layers.quantization.config import Fp8Config
-from nanovllm.models.decoder import DecoderForCausalLM, DecoderMLP, DecoderSpec
-from nanovllm.models.qwen3_moe import is_sparse_layer, make_experts
+from nanovllm.models.decoder import DecoderForCausalLM, DecoderSpec
+from nanovllm.models.qwen3_moe import SparseMoeCausalLM, make_experts
 from nanovllm.utils.parallel import all_reduce
 
 
@@ -44,22 +42,10 @@ class Qwen2MoeSparseMoeBlock(nn.Module):
         return all_reduce(out + shared)
 
 
-class Qwen2MoeForCausalLM(DecoderForCausalLM):
+class Qwen2MoeForCausalLM(SparseMoeCausalLM, DecoderForCausalLM):
+    sparse_block = Qwen2MoeSparseMoeBlock
 
     @classmethod
     def decoder_spec(cls, config: PretrainedConfig) -> DecoderSpec:
         return DecoderSpec(qkv_bias=bool(getattr(config, "qkv_bias", True)))
 
-    @classmethod
-    def make_mlp(cls, config: PretrainedConfig, spec: DecoderSpec, layer_idx: int, quant_config: Fp8Config | None,
-                 prefix: str) -> nn.Module:
-        if is_sparse_layer(config, layer_idx):
-            return Qwen2MoeSparseMoeBlock(config)
-        return DecoderMLP(config, spec, quant_config, prefix)
-
-    def __init__(self, config: PretrainedConfig, quant_config: Fp8Config | None = None):
-        if quant_config is not None:
-            raise ValueError(f"FP8 weights are not supported for {type(self).__name__} yet (its experts are "
-                             f"unquantized); load the bf16 checkpoint without quantization.")
-        super().__init__(config, quant_config)
-        self.expert_params_mapping = make_expert_params_mapping(config.num_experts)

@@ -42,13 +42,16 @@ class Qwen3MoeSparseMoeBlock(nn.Module):
         return all_reduce(self.experts(hidden_states, router_logits))  # [num_tokens, hidden]
 
 
-class Qwen3MoeForCausalLM(Qwen3ForCausalLM):
+class SparseMoeCausalLM:
+    """Mixin of the MoE architectures (before their decoder class in the bases): the layers that
+    `is_sparse_layer` names get `sparse_block(config)` as their MLP, the others the dense MLP."""
+    sparse_block: type[nn.Module]
 
     @classmethod
     def make_mlp(cls, config: PretrainedConfig, spec: DecoderSpec, layer_idx: int, quant_config: Fp8Config | None,
                  prefix: str) -> nn.Module:
         if is_sparse_layer(config, layer_idx):
-            return Qwen3MoeSparseMoeBlock(config)
+            return cls.sparse_block(config)
         return DecoderMLP(config, spec, quant_config, prefix)
 
     def __init__(self, config: PretrainedConfig, quant_config: Fp8Config | None = None):
@@ -57,3 +60,7 @@ class Qwen3MoeForCausalLM(Qwen3ForCausalLM):
                              f"unquantized); load the bf16 checkpoint without quantization.")
         super().__init__(config, quant_config)
         self.expert_params_mapping = make_expert_params_mapping(config.num_experts)
+
+
+class Qwen3MoeForCausalLM(SparseMoeCausalLM, Qwen3ForCausalLM):
+    sparse_block = Qwen3MoeSparseMoeBlock
