@@ -16,7 +16,7 @@ LAYERS = [
     {"models"},
     {"sample", "attention", "layers"},
     {"config"},
-    {"utils", "sampling_params", "outputs"},
+    {"utils", "sampling_params", "outputs", "beam_search"},
 ]
 MAX_LINES = 350
 

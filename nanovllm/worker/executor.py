@@ -2,7 +2,8 @@
 
 Each step, rank 0 turns the scheduled sequences into one `StepInput` (host lists), hands it to
 the workers through shared memory (one pickle, one event per worker), runs its own shard and
-samples. Only the step's inputs travel: what sampling needs of the sequences stays on rank 0.
+samples. Only the step's inputs travel: what sampling needs of the sequences (and the targets of
+prompt logprobs) stays on rank 0.
 `shutdown()` (idempotent) stops the workers and frees the GPU memory, shared memory and process
 group.
 """
@@ -18,7 +19,7 @@ from typing import Any
 from nanovllm.config import Config
 from nanovllm.sample.sampler import SampledTokens
 from nanovllm.utils.parallel import find_free_port
-from nanovllm.worker.inputs import ScheduledSequence, prepare_step
+from nanovllm.worker.inputs import ScheduledSequence, prepare_step, prompt_logprobs_targets
 from nanovllm.worker.model_runner import ModelRunner
 
 logger = logging.getLogger(__name__)
@@ -99,12 +100,14 @@ class Executor:
 
     def execute(self, seqs: list[ScheduledSequence], is_prefill: bool) -> SampledTokens:
         """Run one step on every rank; one sampled token per sequence that completes its prompt in
-        this step (every sequence of a decode step), in `seqs` order."""
+        this step (every sequence of a decode step), in `seqs` order, and the prompt logprobs
+        rows of the sequences that need them (see worker/inputs.py)."""
         step = prepare_step(seqs, is_prefill, self.block_size)
         self._call_workers("execute_model", step)
-        logits = self.runner.execute_model(step)
+        targets = prompt_logprobs_targets(seqs) if step.prompt_logprobs_indices else None
+        output = self.runner.execute_model(step, targets)
         sampled = [seq for seq in seqs if seq.is_prefill_complete_after_step] if is_prefill else seqs
-        return self.runner.sample(logits, sampled)
+        return self.runner.sample(output, sampled)
 
     def shutdown(self):
         """Stop the workers, release the model runner and the shared memory; idempotent."""
