@@ -27,6 +27,7 @@ from nanovllm.engine.request import Completion, Request
 from nanovllm.engine.scheduler import Scheduler
 from nanovllm.engine.sequence import Sequence
 from nanovllm.outputs import RequestOutput
+from nanovllm.sample.sampler import SampledTokens
 from nanovllm.sampling_params import SamplingParams
 from nanovllm.utils.hub import resolve_model_path
 from nanovllm.utils.tokenizer import (default_sampling_overrides, eos_token_ids, load_tokenizer,
@@ -167,7 +168,9 @@ class LLMEngine:
                 finished.append(seq)
         return [r for r in map(self._finish_seq, finished) if r is not None], progressed, num_tokens
 
-    def _record_prompt_logprobs(self, spans: list[tuple[Sequence, range]], sampled):
+    def _record_prompt_logprobs(self, spans: list[tuple[Sequence, range]], sampled: SampledTokens):
+        """Hand each sequence's rows of the step's prompt logprobs to its request (`spans`: the
+        sequences and their positions, in row order)."""
         row = 0
         for seq, positions in spans:
             request = self._completions[seq.seq_id].request
