@@ -12,12 +12,14 @@ means the default seed, and `revision` / `download_dir` pick the hub snapshot of
 Scripts written for nano-vllm keep working: `generate(prompts, sampling_params, use_tqdm)` with
 `use_tqdm` third, and results indexed as `out["text"]` / `out["token_ids"]`.
 """
+import itertools
 import logging
 
-from nanovllm.engine.input_processor import PromptType, check_text
+from nanovllm.beam_search import BeamSearchInstance, BeamSearchOutput, BeamSearchSequence, get_beam_search_score
+from nanovllm.engine.input_processor import MAX_LOGPROBS, PromptType, check_text
 from nanovllm.engine.llm_engine import LLMEngine
 from nanovllm.outputs import RequestOutput
-from nanovllm.sampling_params import SamplingParams
+from nanovllm.sampling_params import BeamSearchParams, SamplingParams
 from nanovllm.utils.hub import resolve_model_path
 
 logger = logging.getLogger(__name__)
@@ -76,6 +78,73 @@ class LLM:
         if prompts is None:
             raise ValueError("prompts must be given.")
         return self.llm_engine.generate(prompts, sampling_params, use_tqdm)
+
+    def beam_search(self, prompts: PromptType | list[PromptType], params: BeamSearchParams) -> list[BeamSearchOutput]:
+        """vLLM's (0.8.5) beam search: one BeamSearchOutput per prompt, its sequences best first.
+
+        Built on `generate`: each step runs every live beam as a request of max_tokens=1 with
+        logprobs=2 * beam_width, whose prompt is the beam's tokens; each beam's candidates are its
+        2 * beam_width most likely next tokens (and the one it sampled), and each prompt keeps the
+        beam_width best candidates that are not EOS. A candidate ending in EOS (unless
+        ignore_eos) is finished, as is a beam reaching max_model_len. Beams share their prompt's
+        KV blocks, and each other's common prefixes, through the prefix cache: a step recomputes
+        only the tokens past a beam's last full block, and full blocks are never copied (without
+        enable_prefix_caching every step recomputes the beams). Raises ValueError on bad prompts
+        and for beam_width > 10 (2 * beam_width logprobs, at most 20).
+        """
+        if not isinstance(params, BeamSearchParams):
+            raise TypeError(f"params must be a BeamSearchParams, got {type(params).__name__}.")
+        if 2 * params.beam_width > MAX_LOGPROBS:
+            raise ValueError(f"beam_width must be at most {MAX_LOGPROBS // 2} (2 * beam_width logprobs per step), "
+                             f"got {params.beam_width}.")
+        tokenizer = self.get_tokenizer()
+        if tokenizer is None:
+            raise ValueError("beam_search needs a tokenizer, but skip_tokenizer_init=True.")
+        engine = self.llm_engine
+        if isinstance(prompts, (str, dict)):
+            prompts = [prompts]
+        eos, width, max_len = tokenizer.eos_token_id, params.beam_width, engine.config.max_model_len
+        instances = []
+        for prompt in prompts:
+            token_ids = engine.input_processor.parse_prompt(prompt)[1]
+            if len(token_ids) > max_len:
+                raise ValueError(f"prompt has {len(token_ids)} tokens, more than max_model_len={max_len}.")
+            instances.append(BeamSearchInstance([BeamSearchSequence(token_ids, [])]))
+        step_params = SamplingParams(logprobs=2 * width, max_tokens=1, temperature=params.temperature)
+
+        def score(beam: BeamSearchSequence) -> float:
+            return get_beam_search_score(beam.tokens, beam.cum_logprob, eos, params.length_penalty)
+
+        for _ in range(params.max_tokens):
+            for instance in instances:  # a beam at max_model_len cannot grow
+                instance.completed.extend(b for b in instance.beams if len(b.tokens) >= max_len)
+                instance.beams = [b for b in instance.beams if len(b.tokens) < max_len]
+            beams = [beam for instance in instances for beam in instance.beams]
+            if not beams:
+                break
+            outputs = engine.generate([{"prompt_token_ids": beam.tokens} for beam in beams], step_params, False)
+            results = iter(zip(beams, outputs))
+            for instance in instances:
+                candidates = []
+                for beam, output in itertools.islice(results, len(instance.beams)):
+                    logprobs = output.outputs[0].logprobs[0]
+                    for token_id, logprob in logprobs.items():
+                        candidate = BeamSearchSequence(beam.tokens + [token_id], beam.logprobs + [logprobs],
+                                                       beam.cum_logprob + logprob.logprob)
+                        if token_id == eos and not params.ignore_eos:
+                            candidate.finish_reason = "stop"
+                            instance.completed.append(candidate)
+                        else:
+                            candidates.append(candidate)
+                instance.beams = sorted(candidates, key=score, reverse=True)[:width]
+        results = []
+        for instance in instances:
+            best = sorted(instance.completed + instance.beams, key=score, reverse=True)[:width]
+            for beam in best:
+                beam.text = tokenizer.decode(beam.tokens)
+                beam.finish_reason = beam.finish_reason or "length"
+            results.append(BeamSearchOutput(best))
+        return results
 
     def chat(self, messages: list[ChatMessage] | list[list[ChatMessage]],
              sampling_params: SamplingParams | list[SamplingParams] | None = None, use_tqdm: bool = True, *,

@@ -5,6 +5,7 @@ cumulative: `text` and `token_ids` hold everything generated so far. A finished 
 `finish_reason` "stop" (EOS, a stop token id or a stop string; `stop_reason` says which: the id,
 the string, None for EOS) or "length" (max_tokens or max_model_len). `token_ids` keep the token
 that stopped the request; `text` drops a stop string unless include_stop_str_in_output.
+A structured output (guided_decoding) ends with "stop" once its grammar is complete.
 """
 from dataclasses import dataclass, field
 
@@ -41,7 +42,9 @@ class RequestOutput:
     outputs: list[CompletionOutput] = field(default_factory=list)
     finished: bool = False
     num_cached_tokens: int | None = None  # prompt tokens served from the prefix cache
-    prompt_logprobs: None = None  # not supported; always None
+    # with SamplingParams.prompt_logprobs: per prompt token, None for the first, then a dict holding
+    # the prompt token and the top-k (Logprob as above); None otherwise and until the prompt is done
+    prompt_logprobs: list[dict[int, Logprob] | None] | None = None
 
     def __getitem__(self, key: str):
         """Scripts written for nano-vllm's dict results read `out["text"]` / `out["token_ids"]`:

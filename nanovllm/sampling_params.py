@@ -11,6 +11,10 @@ Fields of vLLM that change nothing here are accepted only at their default (`bes
 `n`); anything else raises, so no setting is silently ignored. `output_kind` (vLLM's
 `RequestOutputKind`) says what `LLMEngine.step()` reports for a request: CUMULATIVE, every step
 it progresses; FINAL_ONLY, once, when it finishes (`generate` always reports once).
+
+Also here, as in vLLM: `GuidedDecodingParams` (structured outputs: one of json, regex, choice,
+grammar, json_object; checked against the grammar engine when a request is added) and
+`BeamSearchParams` (`LLM.beam_search`).
 """
 import logging
 import math
@@ -47,7 +51,7 @@ class SamplingParams:
     max_tokens: int | None = 16         # None: up to max_model_len
     min_tokens: int = 0                 # EOS, stop_token_ids and stop strings cannot end it sooner
     logprobs: int | None = None         # top-k logprobs per sampled position (plus the sampled token's)
-    prompt_logprobs: int | None = None  # not supported: None only
+    prompt_logprobs: int | None = None  # top-k logprobs per prompt token (plus the prompt token's)
     detokenize: bool = True             # False: text is ""
     skip_special_tokens: bool = True
     spaces_between_special_tokens: bool = True  # True only (what fast tokenizers do)
@@ -55,6 +59,7 @@ class SamplingParams:
     include_stop_str_in_output: bool = False
     truncate_prompt_tokens: int | None = None   # keep only the last k prompt tokens
     output_kind: RequestOutputKind = RequestOutputKind.CUMULATIVE
+    guided_decoding: "GuidedDecodingParams | None" = None  # structured outputs: completions follow it
     # Derived at construction: True when only `temperature` matters to the sampler, so a batch of
     # such requests takes the plain temperature-sampling path.
     temperature_only: bool = field(init=False, repr=False, compare=False)
@@ -77,6 +82,8 @@ class SamplingParams:
         set_("stop_token_ids", [] if self.stop_token_ids is None else list(self.stop_token_ids))
         if self.logprobs is True:
             set_("logprobs", 1)
+        if self.prompt_logprobs is True:
+            set_("prompt_logprobs", 1)
         self._verify_args()
         if self.temperature == 0:
             set_("top_p", 1.0)
@@ -86,7 +93,8 @@ class SamplingParams:
                 raise ValueError(f"n must be 1 when using greedy sampling, got {self.n}.")
         set_("temperature_only", self.top_k <= 0 and self.top_p == 1 and self.min_p == 0
              and self.presence_penalty == 0 and self.frequency_penalty == 0 and self.repetition_penalty == 1
-             and self.seed is None and self.logprobs is None and self.min_tokens == 0)
+             and self.seed is None and self.logprobs is None and self.min_tokens == 0
+             and self.guided_decoding is None)
 
     def _verify_args(self):
         _check_int("n", self.n)
@@ -129,7 +137,12 @@ class SamplingParams:
             if self.logprobs < 0:
                 raise ValueError(f"logprobs must be non-negative, got {self.logprobs}.")
         if self.prompt_logprobs is not None:
-            raise ValueError(f"prompt_logprobs is not supported, got {self.prompt_logprobs}; pass None.")
+            _check_int("prompt_logprobs", self.prompt_logprobs)
+            if self.prompt_logprobs < 0:
+                raise ValueError(f"prompt_logprobs must be non-negative, got {self.prompt_logprobs}.")
+        if self.guided_decoding is not None and not isinstance(self.guided_decoding, GuidedDecodingParams):
+            raise TypeError(f"guided_decoding must be a GuidedDecodingParams, "
+                            f"got {type(self.guided_decoding).__name__}.")
         if self.logits_processors:
             raise ValueError(f"logits_processors are not supported, got {self.logits_processors!r}.")
         if self.spaces_between_special_tokens is not True:
@@ -157,6 +170,80 @@ class SamplingParams:
         """A copy with `changes` applied (and validated again)."""
         values = {name: getattr(self, name) for name in self.__dataclass_fields__ if name != "temperature_only"}
         return SamplingParams(**(values | changes))
+
+
+@dataclass(frozen=True)
+class GuidedDecodingParams:
+    """Structured outputs (vLLM's names): exactly one of `json` (a JSON schema, as a dict or a
+    str), `regex`, `choice` (the completion is one of the strings), `grammar` (EBNF, in the
+    GBNF dialect of llama.cpp / xgrammar) or `json_object=True` (any JSON object). Only the
+    xgrammar backend exists (`backend` None, "auto" or "xgrammar"). Whether the schema, regex or
+    grammar is valid is checked when a request uses it (ValueError)."""
+    json: str | dict | None = None
+    regex: str | None = None
+    choice: list[str] | None = None
+    grammar: str | None = None
+    json_object: bool | None = None
+    backend: str | None = None
+    whitespace_pattern: str | None = None  # not supported: None only
+    structural_tag: str | None = None      # not supported: None only
+
+    def __post_init__(self):
+        kinds = [k for k in ("json", "regex", "choice", "grammar", "json_object") if getattr(self, k) is not None]
+        if len(kinds) > 1:
+            raise ValueError(f"You can only use one kind of guided decoding ('json', 'regex', 'choice', 'grammar', "
+                             f"'json_object'), got {kinds}.")
+        if not kinds:
+            raise ValueError("guided_decoding needs one of 'json', 'regex', 'choice', 'grammar' or 'json_object'.")
+        if self.json is not None and not isinstance(self.json, (str, dict)):
+            raise TypeError(f"json must be a JSON schema as a str or a dict, got {type(self.json).__name__}.")
+        for name in ("regex", "grammar"):
+            if getattr(self, name) is not None and not isinstance(getattr(self, name), str):
+                raise TypeError(f"{name} must be a str, got {type(getattr(self, name)).__name__}.")
+        if self.choice is not None:
+            if isinstance(self.choice, str) or not all(isinstance(c, str) for c in self.choice):
+                raise TypeError(f"choice must be a list of str, got {self.choice!r:.80}.")
+            if not self.choice:
+                raise ValueError("choice must list at least one string, got [].")
+            object.__setattr__(self, "choice", list(self.choice))
+        if self.json_object is not None and self.json_object is not True:
+            raise ValueError(f"json_object must be True or None, got {self.json_object!r}.")
+        if self.backend not in (None, "auto", "xgrammar"):
+            raise ValueError(f"backend must be None, 'auto' or 'xgrammar' (the only one here), got {self.backend!r}.")
+        for name in ("whitespace_pattern", "structural_tag"):
+            if getattr(self, name) is not None:
+                raise ValueError(f"{name} is not supported, got {getattr(self, name)!r:.80}; pass None.")
+
+
+@dataclass(frozen=True)
+class BeamSearchParams:
+    """`LLM.beam_search`'s settings (vLLM's names and defaults): `beam_width` beams, each at most
+    `max_tokens` new tokens; `temperature` of the token each beam samples (its candidates are
+    its 2 * beam_width most likely next tokens whatever the temperature); a sequence's score is
+    cum_logprob / len(tokens) ** length_penalty (tokens: prompt included, a final EOS not)."""
+    beam_width: int
+    max_tokens: int
+    ignore_eos: bool = False
+    temperature: float = 0.0
+    length_penalty: float = 1.0
+    include_stop_str_in_output: bool = False  # False only
+
+    def __post_init__(self):
+        _check_int("beam_width", self.beam_width)
+        if self.beam_width < 1:
+            raise ValueError(f"beam_width must be at least 1, got {self.beam_width}.")
+        _check_int("max_tokens", self.max_tokens)
+        if self.max_tokens < 1:
+            raise ValueError(f"max_tokens must be at least 1, got {self.max_tokens}.")
+        _check_number("temperature", self.temperature)
+        if self.temperature < 0 or math.isinf(self.temperature):
+            raise ValueError(f"temperature must be non-negative, got {self.temperature}.")
+        _check_number("length_penalty", self.length_penalty)
+        if math.isinf(self.length_penalty):
+            raise ValueError(f"length_penalty must be finite, got {self.length_penalty}.")
+        if self.include_stop_str_in_output is not False:
+            raise ValueError(f"include_stop_str_in_output=True is not supported in beam search, "
+                             f"got {self.include_stop_str_in_output!r}.")
 
 
 def _check_int(name: str, value):

@@ -33,13 +33,13 @@ def teacher_forced_logits(llm: LLM, prompt: list[int], forced: list[int]) -> tor
     block_manager.allocate(seq)
     try:
         seq.num_cached_tokens, seq.num_scheduled_tokens = 0, len(prompt)
-        rows = [runner.execute_model(prepare_step([seq], True, runner.block_size)).float()]
+        rows = [runner.execute_model(prepare_step([seq], True, runner.block_size)).logits.float()]
         for token in forced[:-1]:
             seq.num_cached_tokens, seq.num_scheduled_tokens = seq.num_tokens, 1
             seq.append_token(token)
             assert block_manager.can_append(seq)
             block_manager.may_append(seq)
-            rows.append(runner.execute_model(prepare_step([seq], False, runner.block_size)).float())
+            rows.append(runner.execute_model(prepare_step([seq], False, runner.block_size)).logits.float())
     finally:
         block_manager.deallocate(seq)
     return torch.cat(rows)

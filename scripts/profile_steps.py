@@ -39,15 +39,15 @@ class StepClock:
                 self.records.append(record)
             return result
 
-        def timed_execute(inputs):
+        def timed_execute(inputs, *targets):
             record = self.current
             record["batch"], record["prefill"] = len(inputs.logits_indices), inputs.is_prefill
             record["execute"] = time.perf_counter()
             record["gpu_start"] = _event()
-            return execute_model(inputs)
+            return execute_model(inputs, *targets)
 
-        def timed_sample(logits, seqs):
-            result = sample(logits, seqs)
+        def timed_sample(output, seqs):
+            result = sample(output, seqs)
             self.current["results"] = time.perf_counter()
             return result
 

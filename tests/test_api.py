@@ -78,7 +78,7 @@ def test_sampling_params_defaults_are_vllms():
     (dict(logprobs=-1), ValueError, "logprobs must be non-negative, got -1"),
     (dict(stop=["ok", ""]), ValueError, "stop cannot contain an empty string"),
     (dict(stop_token_ids=[-5]), ValueError, "stop_token_ids"),
-    (dict(prompt_logprobs=1), ValueError, "prompt_logprobs"),
+    (dict(prompt_logprobs=-1), ValueError, "prompt_logprobs must be non-negative, got -1"),
     (dict(best_of=3), ValueError, "best_of"),
     (dict(temperature="hot"), TypeError, "temperature"),
     (dict(tempreature=0.5), TypeError, "tempreature"),  # a typo is not dropped

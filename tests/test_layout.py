@@ -18,7 +18,7 @@ LAYERS = [
     {"config"},
     {"models"},
     {"sample", "attention", "layers"},
-    {"utils", "sampling_params", "outputs"},
+    {"utils", "sampling_params", "outputs", "beam_search"},
 ]
 MAX_LINES = 350
 

@@ -84,10 +84,12 @@ class BlockManager:
         """Give `seq` blocks for all its tokens, reusing cached full-prefix blocks.
 
         Sets `seq.block_table` and `seq.num_cached_tokens`. The last token is never taken from
-        the cache: the step must compute at least one token to produce logits.
+        the cache: the step must compute at least one token to produce logits. A sequence that
+        still needs prompt logprobs takes nothing from the cache (its blocks are still published).
         """
         assert not seq.block_table
-        num_cacheable = (seq.num_tokens - 1) // self.block_size if self.enable_prefix_caching else 0
+        reads_cache = self.enable_prefix_caching and seq.prompt_logprobs is None
+        num_cacheable = (seq.num_tokens - 1) // self.block_size if reads_cache else 0
         prefix_hash = None
         for i in range(self.num_blocks_for(seq.num_tokens)):
             block_id = None

@@ -1,8 +1,9 @@
 """Input processing: the prompt forms vLLM accepts -> validated Requests with their Sequences.
 
 Every check raises ValueError / TypeError naming the bad value before anything is queued, so
-requests already in flight are never disturbed. A prompt is a str, a list of token ids (ints,
-numpy integers included), {"prompt": str} or {"prompt_token_ids": [...], "prompt"?: str}.
+requests already in flight are never disturbed (a guided_decoding grammar is compiled here, so
+an invalid one fails here too). A prompt is a str, a list of token ids (ints, numpy integers
+included), {"prompt": str} or {"prompt_token_ids": [...], "prompt"?: str}.
 """
 from numbers import Integral
 from typing import Iterator, Sequence as SequenceT, TypedDict, Union
@@ -11,6 +12,7 @@ from transformers import PreTrainedTokenizerBase
 
 from nanovllm.engine.request import Completion, Request
 from nanovllm.engine.sequence import Sequence
+from nanovllm.engine.structured_output import StructuredOutputManager
 from nanovllm.sampling_params import SamplingParams
 from nanovllm.utils.detokenizer import IncrementalDetokenizer
 
@@ -71,8 +73,9 @@ class InputProcessor:
         self.vocab_size = vocab_size
         self.max_model_len = max_model_len
         self.eos_token_ids = eos_token_ids
+        self.structured_output = StructuredOutputManager(tokenizer, vocab_size, eos_token_ids)
 
-    def _prompt(self, prompt: PromptType) -> tuple[str | None, list[int]]:
+    def parse_prompt(self, prompt: PromptType) -> tuple[str | None, list[int]]:
         """(text or None, token ids) of one prompt, validated."""
         text = None
         if isinstance(prompt, dict):
@@ -116,19 +119,28 @@ class InputProcessor:
         if params.logprobs is not None and params.logprobs > MAX_LOGPROBS:
             raise ValueError(f"Requested sample logprobs of {params.logprobs}, which is greater than max "
                              f"allowed: {MAX_LOGPROBS}")
+        if params.prompt_logprobs is not None and params.prompt_logprobs > MAX_LOGPROBS:
+            raise ValueError(f"Requested prompt logprobs of {params.prompt_logprobs}, which is greater than max "
+                             f"allowed: {MAX_LOGPROBS}")
         if params.stop and self.tokenizer is None:
             raise ValueError(f"stop strings {params.stop!r} need a tokenizer, but skip_tokenizer_init=True.")
-        text, token_ids = self._prompt(prompt)
+        text, token_ids = self.parse_prompt(prompt)
         if params.truncate_prompt_tokens is not None:
             token_ids = token_ids[-params.truncate_prompt_tokens:]
         if len(token_ids) > self.max_model_len:
             raise ValueError(f"prompt has {len(token_ids)} tokens, more than max_model_len={self.max_model_len}.")
-        request = Request(request_id, text, token_ids, params, streamed, num_unfinished=params.n)
+        compiled = None if params.guided_decoding is None else self.structured_output.compile(params.guided_decoding)
+        request = Request(request_id, text, token_ids, params, streamed, num_unfinished=params.n,
+                          prompt_logprobs=None if params.prompt_logprobs is None else [None])
         stop_ids = frozenset(params.stop_token_ids) | (frozenset() if params.ignore_eos else self.eos_token_ids)
         needs_text = (streamed or params.stop) and params.detokenize and self.tokenizer is not None
         for index in range(params.n):
             seed = None if params.seed is None else params.seed + index
-            seq = Sequence(next(seq_ids), token_ids, params, seed=seed, all_stop_token_ids=stop_ids)
+            # the request's prompt logprobs come from its first sequence
+            prompt_logprobs = params.prompt_logprobs if index == 0 and len(token_ids) > 1 else None
+            grammar = None if compiled is None else self.structured_output.grammar(compiled)
+            seq = Sequence(next(seq_ids), token_ids, params, seed=seed, all_stop_token_ids=stop_ids,
+                           prompt_logprobs=prompt_logprobs, grammar=grammar)
             detokenizer = (IncrementalDetokenizer(self.tokenizer, token_ids, params.skip_special_tokens)
                            if needs_text else None)
             logprobs = [] if params.logprobs is not None else None

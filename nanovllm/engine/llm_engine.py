@@ -2,8 +2,10 @@
 
 A step: the scheduler picks sequences, the executor runs the model and samples one token for each
 sequence that completed its prompt, the scheduler appends the tokens and ends sequences on EOS,
-stop_token_ids and length, and the output processor does the per-step work of the tracked
-completions (logprobs, text, stop strings; a stop string ends its sequence through the scheduler).
+stop_token_ids and length, the engine records prompt logprobs and advances the grammars of
+structured outputs (a completed grammar ends its sequence), and the output processor does the
+per-step work of the tracked completions (logprobs, text, stop strings; a stop string ends its
+sequence through the scheduler).
 `generate`'s loop builds no per-step outputs: untracked completions are decoded once, at the end.
 
 Bad input raises ValueError / TypeError naming it before anything is queued (input_processor.py).
@@ -30,11 +32,13 @@ from nanovllm.engine.request import Completion, Request
 from nanovllm.engine.scheduler import Scheduler
 from nanovllm.engine.sequence import Sequence
 from nanovllm.outputs import RequestOutput
+from nanovllm.sample.sampler import SampledTokens
 from nanovllm.sampling_params import RequestOutputKind, SamplingParams
 from nanovllm.utils.hub import resolve_model_path
 from nanovllm.utils.tokenizer import (default_sampling_overrides, eos_token_ids, load_tokenizer,
                                       read_generation_config)
 from nanovllm.worker.executor import Executor
+from nanovllm.worker.inputs import prompt_logprobs_positions
 
 logger = logging.getLogger(__name__)
 
@@ -89,6 +93,7 @@ class LLMEngine:
         self._requests: dict[str, Request] = {}        # unfinished requests by id
         self._completions: dict[int, Completion] = {}  # unfinished sequences by seq_id
         self._tracked: dict[int, Completion] = {}      # those of them that need per-step work
+        self._guided: set[int] = set()                 # those of them with a grammar (seq_ids)
         self._unclaimed: list[RequestOutput] = []      # add_request outputs finished inside generate()
         self._seq_ids = itertools.count()
         self._request_counter = itertools.count()
@@ -120,6 +125,8 @@ class LLMEngine:
             self._completions[completion.seq.seq_id] = completion
             if completion.tracked:
                 self._tracked[completion.seq.seq_id] = completion
+            if completion.seq.grammar is not None:
+                self._guided.add(completion.seq.seq_id)
             self.scheduler.add(completion.seq)
 
     @_serialized
@@ -150,6 +157,7 @@ class LLMEngine:
                     self.scheduler.abort(completion.seq)
                 self._completions.pop(completion.seq.seq_id, None)
                 self._tracked.pop(completion.seq.seq_id, None)
+                self._guided.discard(completion.seq.seq_id)
 
     @_serialized
     def has_unfinished_requests(self) -> bool:
@@ -173,10 +181,18 @@ class LLMEngine:
         num_tokens = (sum(seq.num_scheduled_tokens for seq in output.seqs) if output.is_prefill
                       else -len(output.seqs))
         sampled_seqs = output.seqs
-        if self._tracked and output.is_prefill:  # rows are the sequences whose prompt completes
+        if (self._tracked or self._guided) and output.is_prefill:  # rows: the sequences whose prompt completes
             sampled_seqs = [seq for seq in output.seqs if seq.is_prefill_complete_after_step]
+        prompt_spans = []  # (sequence, positions) of the prompt logprobs rows, in row order
+        if output.is_prefill:
+            prompt_spans = [(seq, prompt_logprobs_positions(seq)) for seq in output.seqs
+                            if seq.prompt_logprobs is not None]
         sampled = self.executor.execute(output.seqs, output.is_prefill)
+        if prompt_spans:
+            self._record_prompt_logprobs(prompt_spans, sampled)
         finished = self.scheduler.update(output, sampled.token_ids)
+        if self._guided:
+            finished.extend(self._advance_grammars(sampled_seqs))
         progressed = []
         for row, seq in enumerate(sampled_seqs if self._tracked else ()):
             completion = self._tracked.get(seq.seq_id)
@@ -188,10 +204,37 @@ class LLMEngine:
                 finished.append(seq)
         return [r for r in map(self._finish_seq, finished) if r is not None], progressed, num_tokens
 
+    def _record_prompt_logprobs(self, spans: list[tuple[Sequence, range]], sampled: SampledTokens):
+        """Hand each sequence's rows of the step's prompt logprobs to its request (`spans`: the
+        sequences and their positions, in row order)."""
+        row = 0
+        for seq, positions in spans:
+            request = self._completions[seq.seq_id].request
+            self.output_processor.record_prompt_logprobs(request, positions, sampled.prompt_logprobs, row)
+            row += len(positions)
+            if len(request.prompt_logprobs) == seq.num_prompt_tokens:
+                seq.prompt_logprobs = None  # done: later recomputes (preemption) need none
+
+    def _advance_grammars(self, sampled_seqs: list[Sequence]) -> list[Sequence]:
+        """Advance the grammars of the sequences that got a token; returns the sequences this
+        finishes ("stop": the grammar is complete, or rejected the token)."""
+        finished = []
+        for seq in sampled_seqs:
+            if seq.grammar is None or seq.is_finished:
+                continue
+            if not seq.grammar.accept_token(seq.last_token):
+                logger.warning("sequence %d: token %d is outside its grammar; ending it", seq.seq_id, seq.last_token)
+            elif not seq.grammar.is_terminated():
+                continue
+            self.scheduler.finish(seq, "stop")
+            finished.append(seq)
+        return finished
+
     def _finish_seq(self, seq: Sequence) -> Request | None:
         """Account for a finished sequence; returns its request once all its sequences are done."""
         completion = self._completions.pop(seq.seq_id)
         self._tracked.pop(seq.seq_id, None)
+        self._guided.discard(seq.seq_id)
         request = completion.request
         request.num_unfinished -= 1
         if request.num_unfinished:

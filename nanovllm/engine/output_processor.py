@@ -4,11 +4,13 @@ Per step, only for tracked completions (see request.py): logprobs, incremental d
 stop strings. A stop string is matched on the incrementally detokenized text, across token
 boundaries; the text is cut before it (unless include_stop_str_in_output), `token_ids` keep the
 token that completed it. Other completions are decoded once, when they finish.
+Prompt logprobs are recorded per request as the steps that compute its prompt produce them.
 """
 from transformers import PreTrainedTokenizerBase
 
 from nanovllm.engine.request import Completion, Request
 from nanovllm.outputs import CompletionOutput, Logprob, RequestOutput
+from nanovllm.sample.logprobs import LogprobsLists
 from nanovllm.sample.sampler import SampledTokens
 from nanovllm.utils.detokenizer import check_stop_strings
 
@@ -44,14 +46,28 @@ class OutputProcessor:
         return True
 
     def _record_logprobs(self, completion: Completion, sampled: SampledTokens, row: int):
-        token_ids, logprobs = sampled.logprob_token_ids[row], sampled.logprobs[row]
-        k = completion.request.params.logprobs
-        entry = {token_ids[0]: Logprob(logprobs[0], sampled.ranks[row], self._token_text(token_ids[0]))}
-        for rank, (token_id, logprob) in enumerate(zip(token_ids[1:k + 1], logprobs[1:k + 1]), 1):
-            if token_id not in entry:
-                entry[token_id] = Logprob(logprob, rank, self._token_text(token_id))
-        completion.logprobs.append(entry)
+        logprobs = sampled.logprobs[row]
+        completion.logprobs.append(self._entry(sampled.logprob_token_ids[row], logprobs, sampled.ranks[row],
+                                               completion.request.params.logprobs))
         completion.cumulative_logprob += logprobs[0]
+
+    def record_prompt_logprobs(self, request: Request, positions: range, lists: LogprobsLists, first_row: int):
+        """Add the prompt logprobs that rows first_row.. of `lists` give: the row of prompt
+        position p scores prompt token p + 1. Positions recorded before (a recomputed prefix)
+        are skipped."""
+        for row, position in enumerate(positions, first_row):
+            if position + 1 == len(request.prompt_logprobs):
+                request.prompt_logprobs.append(self._entry(lists.logprob_token_ids[row], lists.logprobs[row],
+                                                           lists.ranks[row], request.params.prompt_logprobs))
+
+    def _entry(self, token_ids: list[int], logprobs: list[float], rank: int, k: int) -> dict[int, Logprob]:
+        """{token: Logprob} for one position: the position's token first (with its rank), then the
+        top k (ranks 1..k) that are not it."""
+        entry = {token_ids[0]: Logprob(logprobs[0], rank, self._token_text(token_ids[0]))}
+        for top_rank, (token_id, logprob) in enumerate(zip(token_ids[1:k + 1], logprobs[1:k + 1]), 1):
+            if token_id not in entry:
+                entry[token_id] = Logprob(logprob, top_rank, self._token_text(token_id))
+        return entry
 
     def _token_text(self, token_id: int) -> str | None:
         return None if self.tokenizer is None else self.tokenizer.decode([token_id])
@@ -76,7 +92,11 @@ class OutputProcessor:
 
     def request_output(self, request: Request) -> RequestOutput:
         """The cumulative RequestOutput of `request` as it stands."""
+        prompt_logprobs = request.prompt_logprobs
+        if prompt_logprobs is not None and len(prompt_logprobs) < len(request.prompt_token_ids):
+            prompt_logprobs = None  # the prompt is not done yet
         return RequestOutput(request.request_id, request.prompt, request.prompt_token_ids,
                              [self.completion_output(c) for c in request.completions],
                              finished=request.num_unfinished == 0,
-                             num_cached_tokens=request.completions[0].seq.num_prefix_cached_tokens)
+                             num_cached_tokens=request.completions[0].seq.num_prefix_cached_tokens,
+                             prompt_logprobs=prompt_logprobs)

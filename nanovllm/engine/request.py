@@ -38,3 +38,6 @@ class Request:
     streamed: bool  # added through add_request, CUMULATIVE: step() reports it every step
     completions: list[Completion] = field(default_factory=list)
     num_unfinished: int = 0
+    # SamplingParams.prompt_logprobs: one entry per prompt token so far (None for the first),
+    # filled by the steps that compute the prompt of the first completion's sequence
+    prompt_logprobs: list[dict[int, Logprob] | None] | None = None

@@ -7,6 +7,10 @@ The block size is not stored here: the BlockManager owns it.
 
 `sampling_state` belongs to the sampler on rank 0 (the token-id mirror of a penalised
 sequence); it is created on the sequence's first penalised step and dies with the sequence.
+`grammar` (structured outputs) is the sequence's grammar matcher: the sampler masks with it,
+the engine advances it with each new token.
+`prompt_logprobs` is the k of the prompt logprobs still to compute (None: none are); while set,
+the sequence reads nothing from the prefix cache, so that every prompt position gets its logits.
 """
 import sys
 from enum import Enum, auto
@@ -24,11 +28,12 @@ class SequenceStatus(Enum):
 class Sequence:
 
     def __init__(self, seq_id: int, token_ids: list[int], sampling_params: SamplingParams, *,
-                 seed: int | None = None, all_stop_token_ids: frozenset[int] = frozenset()):
+                 seed: int | None = None, all_stop_token_ids: frozenset[int] = frozenset(),
+                 prompt_logprobs: int | None = None, grammar: Any = None):
         """`seed`: this sequence's sampling seed (None: the engine's random stream); a request with
         n > 1 gives its i-th sequence `sampling_params.seed + i`. `all_stop_token_ids`: ids that
         end the sequence (EOS unless ignore_eos, and stop_token_ids), masked while it is shorter
-        than `min_tokens`."""
+        than `min_tokens`. `prompt_logprobs`, `grammar`: see the module's docstring."""
         self.seq_id = seq_id
         self.status = SequenceStatus.WAITING
         self.token_ids = list(token_ids)
@@ -45,6 +50,8 @@ class Sequence:
         self.finish_reason: str | None = None  # "stop", "length" or "abort"
         self.stop_reason: int | str | None = None  # the stop_token_id or stop string; None for EOS
         self.sampling_state: Any = None
+        self.prompt_logprobs = prompt_logprobs
+        self.grammar = grammar
 
     @property
     def num_tokens(self) -> int:

@@ -8,6 +8,8 @@ step whose rows all use temperature alone is `plain`: only the draw runs.
 
 The sampler's per-sequence state (`seq.sampling_state`: a numpy mirror of a penalised sequence's
 token ids, grown by the new tokens only) is created here on the sequence's first penalised step.
+A row with a grammar (structured outputs) has its token bitmask filled here, on the host, by its
+matcher, and uploaded with the rest.
 """
 import math
 from dataclasses import dataclass, field, fields
@@ -20,6 +22,19 @@ from nanovllm.sample.draw import draw_key
 from nanovllm.sampling_params import SamplingParams
 
 
+class Grammar(Protocol):
+    """A sequence's structured-output matcher (engine/structured_output.py)."""
+    vocab_size: int
+
+    def fill_bitmask(self, bitmask: torch.Tensor, index: int) -> None:
+        """Write row `index` of `bitmask` ([n, ceil(vocab_size / 32)] int32, on the host): bit
+        t % 32 of word t // 32 is set when token t may come next."""
+
+
+def bitmask_words(vocab_size: int) -> int:
+    return (vocab_size + 31) // 32
+
+
 class SamplingSequence(Protocol):
     """What the sampler reads of a sequence (the engine's Sequence)."""
     sampling_params: SamplingParams
@@ -28,6 +43,7 @@ class SamplingSequence(Protocol):
     num_prompt_tokens: int
     all_stop_token_ids: frozenset[int]  # masked while below min_tokens
     sampling_state: Any                 # the sampler's SequenceState, None until first needed
+    grammar: Grammar | None             # structured outputs: what may come next
 
     @property
     def num_tokens(self) -> int: ...
@@ -94,6 +110,8 @@ class SamplingMetadata:
     suppressed_ids: torch.Tensor
     keys: torch.Tensor             # [num_rows] noise keys; empty without seeded rows (see draw.py)
     logprob_rows: torch.Tensor
+    guided_slots: torch.Tensor     # structured outputs: the slots of the rows with a grammar
+    bitmask: torch.Tensor          # [num_guided, ceil(vocab_size / 32)] int32: their allowed tokens
 
     @classmethod
     def build(cls, seqs: list[SamplingSequence], device: torch.device, base_key: int) -> "SamplingMetadata":
@@ -143,6 +161,8 @@ class _HostLists:
     seeded_rows: list[int] = field(default_factory=list)
     seeded_keys: list[int] = field(default_factory=list)
     logprob_rows: list[int] = field(default_factory=list)
+    guided_slots: list[int] = field(default_factory=list)
+    grammars: list[Grammar] = field(default_factory=list)
     max_top_k: int = 0
     max_logprobs: int = 0
     plain: bool = True
@@ -167,8 +187,9 @@ class _HostLists:
             self.seeded_keys.append(draw_key(seq.seed, seq.num_completion_tokens))
         penalised = bool(p.presence_penalty or p.frequency_penalty or p.repetition_penalty != 1)
         suppressing = seq.num_completion_tokens < p.min_tokens and bool(seq.all_stop_token_ids)
+        guided = seq.grammar is not None
         slot = len(self.patched_rows)
-        if penalised or suppressing:
+        if penalised or suppressing or guided:
             self.patched_rows.append(row)
         if penalised:
             if seq.sampling_state is None:
@@ -183,6 +204,9 @@ class _HostLists:
         if suppressing:
             self.suppressed_slots.extend([slot] * len(seq.all_stop_token_ids))
             self.suppressed_ids.extend(seq.all_stop_token_ids)
+        if guided:
+            self.guided_slots.append(slot)
+            self.grammars.append(seq.grammar)
         if p.logprobs is not None:
             self.logprob_rows.append(row)
             self.max_logprobs = max(self.max_logprobs, p.logprobs)
@@ -205,16 +229,27 @@ class _HostLists:
                     output_starts=output_starts, output_token_ids=_concat(self.output_token_ids),
                     prompt_starts=prompt_starts, prompt_token_ids=_concat(self.prompt_token_ids),
                     suppressed_slots=self.suppressed_slots, suppressed_ids=self.suppressed_ids, keys=keys,
-                    logprob_rows=self.logprob_rows)
+                    logprob_rows=self.logprob_rows, guided_slots=self.guided_slots)
         floats = dict(temperatures=self.temperatures, top_k_top_ps=self.top_k_top_ps, log_min_ps=self.log_min_ps,
                       top_ps=self.top_ps, presence_penalties=self.presence_penalties,
                       frequency_penalties=self.frequency_penalties, repetition_penalties=self.repetition_penalties)
         int_host = torch.from_numpy(np.concatenate([np.asarray(v, np.int64) for v in ints.values()]))
         float_host = torch.tensor([x for v in floats.values() for x in v], dtype=torch.float32)
         tensors = dict(zip(ints, upload(int_host, device).split([len(v) for v in ints.values()])))
+        tensors["bitmask"] = upload(self._bitmask(), device)
         tensors.update(zip(floats, upload(float_host, device).split([len(v) for v in floats.values()])))
         return SamplingMetadata(num_rows, self.plain, self.max_top_k, self.max_logprobs,
                                 any(r != 1 for r in self.repetition_penalties), self.logprob_rows, **tensors)
+
+
+    def _bitmask(self) -> torch.Tensor:
+        """[num_guided, words] int32: each guided row's allowed tokens, filled by its grammar."""
+        if not self.grammars:
+            return torch.empty(0, 0, dtype=torch.int32)
+        bitmask = torch.empty(len(self.grammars), bitmask_words(self.grammars[0].vocab_size), dtype=torch.int32)
+        for i, grammar in enumerate(self.grammars):
+            grammar.fill_bitmask(bitmask, i)
+        return bitmask
 
 
 def _concat(arrays: list[np.ndarray]) -> np.ndarray:

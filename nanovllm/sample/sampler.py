@@ -2,12 +2,13 @@
 
 `Sampler.forward` is the pipeline, in vLLM's order, each stage in its own module and run only on
 the rows that ask for it:
-  1. logprobs of the RAW logits (before penalties, min_tokens, temperature, top-k/p, min-p), as
-     vLLM 0.8.5 (V1) reports them;
+  1. logprobs of the RAW logits (before penalties, min_tokens, the grammar, temperature,
+     top-k/p, min-p), as vLLM 0.8.5 (V1) reports them (`logprobs.py`);
   2. penalties, on float32 copies of the penalised rows only (`logits.py`, `penalties.py`);
   3. min_tokens: a row below its min_tokens gets its stop ids set to -inf (in its copy);
-  4. keep thresholds of top-k, top-p and min-p (`thresholds.py`);
-  5. the draw: temperature, threshold and Gumbel-max in one pass (`draw.py`); greedy rows take
+  4. structured outputs: a row with a grammar gets the tokens it forbids set to -inf (`guided.py`);
+  5. keep thresholds of top-k, top-p and min-p (`thresholds.py`);
+  6. the draw: temperature, threshold and Gumbel-max in one pass (`draw.py`); greedy rows take
      the argmax. A seeded request's noise depends on its seed and its number of drawn tokens only.
 A step whose rows all use temperature alone runs the draw and nothing else. Which stages run is
 decided on the host, so nothing syncs with the device before the results are copied back (one
@@ -19,7 +20,9 @@ from typing import NamedTuple
 import torch
 
 from nanovllm.sample.draw import draw
+from nanovllm.sample.guided import apply_grammar_bitmask_
 from nanovllm.sample.logits import PatchedLogits, float_rows
+from nanovllm.sample.logprobs import LogprobsLists, LogprobsTensors, token_logprobs
 from nanovllm.sample.metadata import SamplingMetadata, SamplingSequence
 from nanovllm.sample.penalties import apply_min_tokens_, apply_penalties_, penalize_triton
 from nanovllm.sample.thresholds import keep_thresholds, keep_thresholds_
@@ -32,31 +35,30 @@ class SampledTokens(NamedTuple):
     For a row that asked for logprobs (None entries for the others; None altogether when no row
     asked): `logprob_token_ids[i]` / `logprobs[i]` hold the sampled token first, then the batch's
     largest-k top tokens, most likely first (trim to the row's own k); `ranks[i]` is the sampled
-    token's rank among all tokens (1 = most likely)."""
+    token's rank among all tokens (1 = most likely). `prompt_logprobs`: the step's prompt
+    logprobs rows (see worker/inputs.py), None when it has none."""
     token_ids: list[int]
     logprob_token_ids: list[list[int] | None] | None = None
     logprobs: list[list[float] | None] | None = None
     ranks: list[int | None] | None = None
+    prompt_logprobs: LogprobsLists | None = None
 
 
 class SamplerOutput(NamedTuple):
     """One step's samples on the device."""
     token_ids: torch.Tensor                          # [num_rows] int64
-    logprob_rows: list[int] | None = None            # host: the rows the tensors below describe
-    logprob_token_ids: torch.Tensor | None = None    # [num_logprob_rows, 1 + k]: sampled, then top-k
-    logprobs: torch.Tensor | None = None             # [num_logprob_rows, 1 + k] float32
-    ranks: torch.Tensor | None = None                # [num_logprob_rows] int64
+    logprob_rows: list[int] | None = None            # host: the rows `logprobs` describes
+    logprobs: LogprobsTensors | None = None          # the sampled token, then the top-k (raw logits)
 
     def tolist(self) -> SampledTokens:
         """Copy to the host: one transfer per result kind for the whole batch."""
         token_ids = self.token_ids.tolist()
         if self.logprob_rows is None:
             return SampledTokens(token_ids)
-        ints = torch.cat([self.ranks.unsqueeze(1), self.logprob_token_ids], 1).tolist()
-        values = self.logprobs.tolist()
+        lists = self.logprobs.tolist()
         ids, logprobs, ranks = [None] * len(token_ids), [None] * len(token_ids), [None] * len(token_ids)
-        for row, row_ints, row_values in zip(self.logprob_rows, ints, values):
-            ranks[row], ids[row], logprobs[row] = row_ints[0], row_ints[1:], row_values
+        for i, row in enumerate(self.logprob_rows):
+            ranks[row], ids[row], logprobs[row] = lists.ranks[i], lists.logprob_token_ids[i], lists.logprobs[i]
         return SampledTokens(token_ids, ids, logprobs, ranks)
 
 
@@ -87,30 +89,19 @@ class Sampler:
         t = SamplingMetadata.build(seqs, logits.device, base_key)
         if t.plain:
             return SamplerOutput(draw(PatchedLogits(logits), t.temperatures, None, base_key, None))
-        raw_logprobs = torch.log_softmax(logits[t.logprob_rows].float(), -1) if t.logprob_rows_host else None  # 1.
         rows = PatchedLogits(logits)
         if len(t.patched_rows):
             patched = float_rows(logits, t.patched_rows)  # [num_patched, vocab_size] float32
             apply_penalties_(patched, t, logits)                                                 # 2.
             apply_min_tokens_(patched, t)                                                        # 3.
+            apply_grammar_bitmask_(patched, t)                                                   # 4.
             rows = PatchedLogits(logits, patched, t.patched_rows, t.patched_index)
-        thresholds = keep_thresholds(rows, t)                                                    # 4.
-        tokens = draw(rows, t.temperatures, thresholds, base_key, t.keys if len(t.keys) else None)  # 5.
-        return _with_logprobs(tokens, raw_logprobs, t)
+        thresholds = keep_thresholds(rows, t)                                                    # 5.
+        tokens = draw(rows, t.temperatures, thresholds, base_key, t.keys if len(t.keys) else None)  # 6.
+        if not t.logprob_rows_host:
+            return SamplerOutput(tokens)
+        raw_logits = logits[t.logprob_rows]  # 1. (`logits` is never modified: these are the raw rows)
+        return SamplerOutput(tokens, t.logprob_rows_host,
+                             token_logprobs(raw_logits, tokens[t.logprob_rows], t.max_logprobs))
 
     __call__ = forward
-
-
-def _with_logprobs(tokens: torch.Tensor, raw_logprobs: torch.Tensor | None, t: SamplingMetadata) -> SamplerOutput:
-    """The output, with (for logprob_rows) the sampled token's raw logprob and rank and the batch's
-    largest-k top tokens."""
-    if raw_logprobs is None:
-        return SamplerOutput(tokens)
-    sampled = tokens[t.logprob_rows].unsqueeze(1)  # [num_logprob_rows, 1]
-    token_logprobs = raw_logprobs.gather(1, sampled)
-    ranks = (raw_logprobs >= token_logprobs).sum(-1)
-    ids, values = sampled, token_logprobs
-    if t.max_logprobs > 0:
-        top = raw_logprobs.topk(t.max_logprobs, -1)
-        ids, values = torch.cat([ids, top.indices], 1), torch.cat([values, top.values], 1)
-    return SamplerOutput(tokens, t.logprob_rows_host, ids, values, ranks)

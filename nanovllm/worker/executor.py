@@ -2,8 +2,8 @@
 
 Each step, rank 0 turns the scheduled sequences into one `StepInput` (host lists), writes it to
 shared memory (one pickle) and rings each worker's doorbell (one byte down its own pipe), runs its
-own shard and samples. Only the step's inputs travel: what sampling needs of the sequences stays
-on rank 0. The engine's ranks form their own group (utils/parallel.py), over a store of their own.
+own shard and samples. Only the step's inputs travel: what sampling needs of the sequences (and the targets
+of prompt logprobs) stays on rank 0. The engine's ranks form their own group (utils/parallel.py), over a store of their own.
 
 Faults end in errors, never hangs. A worker that died breaks its doorbell pipe and closes its
 connections, so the next step fails at once; a live worker that stops answering fails the step's
@@ -28,7 +28,7 @@ from multiprocessing.shared_memory import SharedMemory
 from nanovllm.config import Config
 from nanovllm.sample.sampler import SampledTokens
 from nanovllm.utils.parallel import SINGLE_RANK, connect_store, create_store, join_group, ranks_ready
-from nanovllm.worker.inputs import ScheduledSequence, StepInput, prepare_step
+from nanovllm.worker.inputs import ScheduledSequence, StepInput, prepare_step, prompt_logprobs_targets
 from nanovllm.worker.model_runner import ModelRunner
 
 logger = logging.getLogger(__name__)
@@ -141,26 +141,28 @@ class Executor:
 
     def execute(self, seqs: list[ScheduledSequence], is_prefill: bool) -> SampledTokens:
         """Run one step on every rank; one sampled token per sequence that completes its prompt in
-        this step (every sequence of a decode step), in `seqs` order. RuntimeError when a rank
-        failed, in this step or an earlier one."""
+        this step (every sequence of a decode step), in `seqs` order, and the prompt logprobs rows
+        of the sequences that need them (see worker/inputs.py). RuntimeError when a rank failed,
+        in this step or an earlier one."""
         if self.failure is not None:
             raise RuntimeError(self.failure)
         step = prepare_step(seqs, is_prefill, self.block_size)
+        targets = prompt_logprobs_targets(seqs) if step.prompt_logprobs_indices else None
         if self.workers:
             _write(self.shm, step)
             try:
                 for doorbell in self.doorbells:
                     doorbell.send_bytes(b"\1")  # BrokenPipeError: that worker is gone
-                logits = self.runner.execute_model(step)
+                output = self.runner.execute_model(step, targets)
             except BaseException as e:
                 self.failure = self._failure(e)
                 if isinstance(e, Exception):
                     raise RuntimeError(self.failure) from e
                 raise  # KeyboardInterrupt, SystemExit: as they are; later steps raise the failure
         else:
-            logits = self.runner.execute_model(step)
+            output = self.runner.execute_model(step, targets)
         sampled = [seq for seq in seqs if seq.is_prefill_complete_after_step] if is_prefill else seqs
-        return self.runner.sample(logits, sampled)
+        return self.runner.sample(output, sampled)
 
     def _failure(self, cause: BaseException) -> str:
         """Why the executor cannot go on after `cause` interrupted a step."""

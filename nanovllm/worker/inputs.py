@@ -6,9 +6,14 @@ block_table[p // block_size] * block_size + p % block_size. Prefill computes tok
 [num_cached_tokens, num_cached_tokens + num_scheduled_tokens) of each sequence; a sequence whose
 step reaches its last token yields a logits row (`logits_indices`). Decode computes the last
 token of each sequence.
+
+Prompt logprobs: a prefill row at prompt position p < num_prompt_tokens - 1 of a sequence that
+asks for them gives the logprob of prompt token p + 1 (`prompt_logprobs_indices`, which every
+rank needs: the LM head gathers over them). The tokens those rows score and their k are rank 0's
+alone (`PromptLogprobsTargets`) and never travel to the workers.
 """
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import NamedTuple, Protocol
 
 import numpy as np
 import torch
@@ -22,6 +27,8 @@ class ScheduledSequence(Protocol):
     block_table: list[int]
     num_cached_tokens: int      # tokens whose K/V are in the cache
     num_scheduled_tokens: int   # tokens this step computes
+    num_prompt_tokens: int
+    prompt_logprobs: int | None  # k of the prompt logprobs still to compute; None: none
 
     @property
     def num_tokens(self) -> int: ...
@@ -42,10 +49,37 @@ class StepInput:
     cu_seqlens_k: list[int] = field(default_factory=list)  # prefill only
     context_lens: list[int] = field(default_factory=list)  # decode only
     logits_indices: list[int] = field(default_factory=list)  # rows that produce a next token
+    prompt_logprobs_indices: list[int] = field(default_factory=list)  # rows that score a prompt token
 
     @property
     def num_tokens(self) -> int:
         return len(self.input_ids)
+
+
+class PromptLogprobsTargets(NamedTuple):
+    """Rank 0's side of a step's prompt logprobs rows (in `prompt_logprobs_indices` order)."""
+    token_ids: list[int]  # per row: the prompt token its logits score
+    num_logprobs: int     # the largest k of the step's sequences
+
+
+def prompt_logprobs_positions(seq: ScheduledSequence) -> range:
+    """The positions of the scheduled prefill chunk of `seq` whose logits score a prompt token
+    (position p scores token p + 1); empty when the sequence needs no prompt logprobs."""
+    if seq.prompt_logprobs is None:
+        return range(0)
+    start = seq.num_cached_tokens
+    return range(start, max(start, min(start + seq.num_scheduled_tokens, seq.num_prompt_tokens - 1)))
+
+
+def prompt_logprobs_targets(seqs: list[ScheduledSequence]) -> PromptLogprobsTargets:
+    """The targets of `prepare_step(seqs, is_prefill=True, ...)`'s prompt logprobs rows."""
+    token_ids, k = [], 0
+    for seq in seqs:
+        positions = prompt_logprobs_positions(seq)
+        if positions:
+            token_ids.extend(seq.token_ids[positions.start + 1:positions.stop + 1])
+            k = max(k, seq.prompt_logprobs)
+    return PromptLogprobsTargets(token_ids, k)
 
 
 def _slots(seq: ScheduledSequence, start: int, end: int, block_size: int) -> list[int]:
@@ -78,6 +112,9 @@ def prepare_step(seqs: list[ScheduledSequence], is_prefill: bool, block_size: in
         step.cu_seqlens_k.append(step.cu_seqlens_k[-1] + end)
         if end == seq.num_tokens:
             step.logits_indices.append(step.cu_seqlens_q[-1] - 1)
+        positions = prompt_logprobs_positions(seq)
+        first_row = step.cu_seqlens_q[-2] - start
+        step.prompt_logprobs_indices.extend(range(first_row + positions.start, first_row + positions.stop))
     if any(seq.num_cached_tokens for seq in seqs):  # attend over cached prefixes too
         step.block_tables = [seq.block_table for seq in seqs]
     return step

@@ -7,8 +7,12 @@ On construction: the model and its weights, then the KV cache, sized on the GPU 
 smallest count), then the CUDA graphs (on the GPU unless `enforce_eager`). The layers see the
 engine's tensor-parallel group (its owner, the executor or a worker, made it) while the model is
 built and during each forward.
+
+Prompt logprobs rows go through the LM head PROMPT_LOGPROBS_CHUNK rows at a time, keeping only
+each row's target and top-k, so a long prompt never has all its [num_rows, vocab_size] logits.
 """
 import logging
+from typing import NamedTuple
 
 import torch
 from torch.distributed import ReduceOp
@@ -18,13 +22,22 @@ from nanovllm.config import Config
 from nanovllm.layers.compilable import CompilableOp
 from nanovllm.models import get_model_class
 from nanovllm.models.loader import load_dummy_weights, load_model
+from nanovllm.sample.logprobs import LogprobsLists, LogprobsTensors, token_logprobs
 from nanovllm.sample.metadata import SamplingSequence
 from nanovllm.sample.sampler import SampledTokens, Sampler
 from nanovllm.utils.parallel import TensorParallelGroup, tensor_parallel_group
 from nanovllm.worker.cuda_graph import CUDAGraphRunner
-from nanovllm.worker.inputs import StepInput, eager_inputs, upload_ints
+from nanovllm.worker.inputs import PromptLogprobsTargets, StepInput, eager_inputs, upload_ints
 
 logger = logging.getLogger(__name__)
+
+PROMPT_LOGPROBS_CHUNK = 256  # prompt logprobs rows per LM-head pass
+
+
+class ModelOutput(NamedTuple):
+    """A forward's results on rank 0 (None elsewhere)."""
+    logits: torch.Tensor | None  # [num_logits_rows, vocab_size]; None when no sequence completes its prompt
+    prompt_logprobs: LogprobsLists | None = None  # per prompt logprobs row: its target, then the top-k
 
 
 class ModelRunner:
@@ -158,9 +171,9 @@ class ModelRunner:
     # ---- execution -------------------------------------------------------------------------
 
     @torch.inference_mode()
-    def execute_model(self, step: StepInput) -> torch.Tensor | None:
-        """The forward of `step` (every rank): [num_logits_rows, vocab_size] logits on rank 0;
-        None on the other ranks and when no sequence completes its prompt."""
+    def execute_model(self, step: StepInput, prompt_targets: PromptLogprobsTargets | None = None) -> ModelOutput:
+        """The forward of `step` (every rank) and its logits rows. `prompt_targets`: rank 0's
+        targets of `step.prompt_logprobs_indices` (None on the other ranks)."""
         with tensor_parallel_group(self.tp_group):
             if self.graph_runner is not None and self.graph_runner.can_run(step):
                 hidden_states = self.graph_runner.replay(step)
@@ -168,15 +181,32 @@ class ModelRunner:
                 input_ids, positions, meta = eager_inputs(step, self.device)
                 with forward_context(meta):
                     hidden_states = self.model(input_ids, positions)
+            prompt_logprobs = None
+            if step.prompt_logprobs_indices:
+                prompt_logprobs = self._prompt_logprobs(hidden_states, step.prompt_logprobs_indices, prompt_targets)
             if not step.logits_indices:
-                return None
+                return ModelOutput(None, prompt_logprobs)
             if step.is_prefill:
                 hidden_states = hidden_states[upload_ints(self.device, step.logits_indices)[0]]
-            return self.model.compute_logits(hidden_states)
+            return ModelOutput(self.model.compute_logits(hidden_states), prompt_logprobs)
+
+    def _prompt_logprobs(self, hidden_states: torch.Tensor, indices: list[int],
+                         targets: PromptLogprobsTargets | None) -> LogprobsLists | None:
+        """hidden_states: [num_tokens, hidden_size]; the logprobs of the rows `indices` (every
+        rank joins the LM head's gather; rank 0 scores them)."""
+        assert (targets is None) == (self.rank != 0), "rank 0, and only it, has the prompt logprobs targets"
+        rows, *token_ids = upload_ints(self.device, indices, *([] if targets is None else [targets.token_ids]))
+        parts = []
+        for start in range(0, len(indices), PROMPT_LOGPROBS_CHUNK):
+            chunk = slice(start, start + PROMPT_LOGPROBS_CHUNK)
+            logits = self.model.compute_logits(hidden_states[rows[chunk]])  # [chunk, vocab_size] on rank 0
+            if logits is not None:
+                parts.append(token_logprobs(logits, token_ids[0][chunk], targets.num_logprobs))
+        return LogprobsTensors.cat(parts).tolist() if parts else None
 
     @torch.inference_mode()
-    def sample(self, logits: torch.Tensor | None, seqs: list[SamplingSequence]) -> SampledTokens:
-        """Rank 0: one token per logits row (row i for seqs[i]), on the host."""
-        if logits is None:
-            return SampledTokens([])
-        return self.sampler(logits, seqs).tolist()
+    def sample(self, output: ModelOutput, seqs: list[SamplingSequence]) -> SampledTokens:
+        """Rank 0: one token per logits row (row i for seqs[i]), on the host, with the step's
+        prompt logprobs."""
+        sampled = SampledTokens([]) if output.logits is None else self.sampler(output.logits, seqs).tolist()
+        return sampled._replace(prompt_logprobs=output.prompt_logprobs)
