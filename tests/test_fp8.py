@@ -20,7 +20,7 @@ from transformers import AutoModelForCausalLM, Qwen3Config
 
 from fixtures.checkpoints import write_tiny_decoder
 from kernel_checks import run_interpreted
-from test_gpu import worst_relative_gap
+from test_gpu import hf_greedy as hf_greedy_batch, worst_relative_gap
 from nanovllm import LLM, SamplingParams
 from nanovllm.config import Config
 from nanovllm.layers.quantization.config import Fp8Config, resolve_quant_config
@@ -249,7 +249,9 @@ def test_fp8_on_gpu_close_to_dequantized_float32(pair):
         finally:
             llm.shutdown()
     assert outputs["on the fly"] == outputs["fp8 checkpoint"]  # the same FP8 weights, the same kernels
+    hf_bf16 = AutoModelForCausalLM.from_pretrained(pair[1], dtype=torch.bfloat16).cuda().eval()
+    baseline = worst_relative_gap(hf, batch, hf_greedy_batch(hf_bf16, batch, params.max_tokens))
     for name, out in outputs.items():
         gap = worst_relative_gap(hf, batch, out)
-        print(f"{name}: worst relative gap {gap:.4f}")
+        print(f"{name}: worst relative gap {gap:.4f}, transformers bf16 {baseline:.4f}")
         assert gap <= 0.1, name

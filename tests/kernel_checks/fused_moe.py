@@ -30,7 +30,8 @@ def expected_alignment(topk_ids: torch.Tensor, num_experts: int, block_m: int) -
 def assert_close(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtype, what: str):
     assert not actual.isnan().any(), f"{what}: unwritten (NaN) elements"
     tol = TOLERANCE[dtype]
-    torch.testing.assert_close(actual.double().cpu(), expected, rtol=tol, atol=tol * expected.abs().max().item(),
+    actual, expected = actual.double().cpu(), expected.double().cpu()  # the reference may sit on the GPU
+    torch.testing.assert_close(actual, expected, rtol=tol, atol=tol * expected.abs().max().item(),
                                msg=lambda m: f"{what} ({dtype}): {m}")
 
 
