@@ -31,7 +31,7 @@ BLOCK_SIZES = (16, 32, 64, 128, 256)
 PREFILL_SEQS, PREFILL_NEW, PREFILL_PREFIX = 16, 1024, 512
 DECODE_SWEEPS = {  # (block_n, num_warps, num_stages) configs, and num_splits values tried at the default
     "none": ([], []),
-    "small": ([(32, 4, 3), (32, 4, 4), (64, 4, 2), (64, 4, 4), (64, 8, 3), (128, 8, 2)], [1, 2, 4]),
+    "small": ([(32, 4, 3), (32, 4, 4), (64, 4, 2), (64, 4, 4), (64, 8, 3), (128, 4, 3), (128, 8, 2)], [1, 2, 4]),
     "full": (list(itertools.product((32, 64, 128), (2, 4, 8), (2, 3, 4, 5))), [1, 2, 3, 4, 8]),
 }
 PREFILL_SWEEPS = {"none": [], "small": [(64, 64, 4, 3), (128, 32, 4, 3), (128, 64, 8, 2), (128, 128, 8, 2)],

@@ -24,7 +24,7 @@ LOG2E = 1.4426950408889634
 # Tunables (scripts/bench_attention.py sweeps them). Per head_dim: BLOCK_N (keys per tile), num_warps,
 # num_stages (tiles in flight: software pipelining of the K/V loads).
 DECODE_CONFIGS = {64: (64, 4, 3), 128: (64, 4, 3), 256: (32, 4, 3)}
-FP8_DECODE_CONFIGS = {64: (32, 4, 3), 128: (32, 4, 3), 256: (32, 4, 3)}  # an FP8 cache
+FP8_DECODE_CONFIGS = {64: (128, 4, 3), 128: (128, 4, 3), 256: (32, 4, 3)}  # an FP8 cache: wider tiles
 SPLIT_PROGRAMS_PER_SM = 2  # split sequences until num_kv_heads * num_seqs * splits >= this x SM count
 MIN_GROUP_ROWS = 16  # tl.dot needs M >= 16: the query-head group is padded up to this
 
