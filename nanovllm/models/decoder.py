@@ -1,10 +1,10 @@
 """The decoder-only transformer shared by the Llama, Mistral, Qwen2, Qwen3 and Qwen-MoE families.
 
 Pre-norm layers: RMSNorm -> GQA attention with NeoX RoPE -> residual add; RMSNorm -> SwiGLU MLP ->
-residual add. Fusions (one Triton kernel each on CUDA, see layers/): each residual add with the
-RMSNorm that follows it; q/k norm, RoPE and the KV-cache store; SiLU with the gate-up product. The families differ only
-in what their config says, which each architecture's class reads into a `DecoderSpec`: the biases
-of the projections and the per-head RMSNorm of q and k. An MoE family puts its sparse block in
+residual add. Fused (one Triton kernel each on CUDA, see layers/): each residual add with the
+RMSNorm that follows it; q/k norm, RoPE and the KV-cache store; SiLU with the gate-up product.
+The families differ only in what their config says, which each architecture's class reads into a
+`DecoderSpec`: the biases of the projections and the per-head RMSNorm of q and k. An MoE family puts its sparse block in
 place of the MLP of some layers (`make_mlp`). Tied embeddings come from
 `config.tie_word_embeddings`, head_dim from `config.head_dim` or hidden_size / num_attention_heads.
 
