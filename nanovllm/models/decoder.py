@@ -4,8 +4,8 @@ Pre-norm layers: RMSNorm -> GQA attention with NeoX RoPE -> residual add; RMSNor
 residual add. Fused (one Triton kernel each on CUDA, see layers/): each residual add with the
 RMSNorm that follows it; q/k norm, RoPE and the KV-cache store; SiLU with the gate-up product.
 The families differ only in what their config says, which each architecture's class reads into a
-`DecoderSpec`: the biases of the projections and the per-head RMSNorm of q and k. An MoE family puts its sparse block in
-place of the MLP of some layers (`make_mlp`). Tied embeddings come from
+`DecoderSpec`: the biases of the projections and the per-head RMSNorm of q and k. An MoE family
+puts its sparse block in place of the MLP of some layers (`make_mlp`). Tied embeddings come from
 `config.tie_word_embeddings`, head_dim from `config.head_dim` or hidden_size / num_attention_heads.
 
 Module and parameter names match the Hugging Face checkpoints (`model.layers.N.self_attn.o_proj`,
