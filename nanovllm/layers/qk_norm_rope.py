@@ -71,12 +71,11 @@ if triton is not None:
     def _qk_norm_rope_kernel(qkv_ptr, qkv_stride, positions_ptr, cos_sin_ptr, q_weight_ptr, k_weight_ptr, eps,
                              k_cache_ptr, v_cache_ptr, k_scales_ptr, v_scales_ptr, slot_mapping_ptr,
                              HEADS: tl.constexpr, KV_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr,
-                             BLOCK_D: tl.constexpr, HAS_NORM: tl.constexpr, STORE: tl.constexpr,
+                             HALF: tl.constexpr, BLOCK_D: tl.constexpr, HAS_NORM: tl.constexpr, STORE: tl.constexpr,
                              FP8: tl.constexpr, FP8_MAX: tl.constexpr):
         token = tl.program_id(0).to(tl.int64)
         head = tl.program_id(1)  # q heads, then k heads, then (when storing) v heads
         dtype = qkv_ptr.dtype.element_ty
-        HALF: tl.constexpr = HEAD_DIM // 2
         dims = tl.arange(0, BLOCK_D)[None, :]  # [1, BLOCK_D]
         mask = dims < HEAD_DIM
         row_ptr = qkv_ptr + token * qkv_stride + head * HEAD_DIM
@@ -139,8 +138,8 @@ def qk_norm_rope_triton(qkv: torch.Tensor, positions: torch.Tensor, cos_sin_cach
         _qk_norm_rope_kernel[grid](qkv, qkv.stride(0), positions, cos_sin_cache, q_w, k_w,
                                    norm.eps if norm is not None else 0.0, k_cache, v_cache, *scales,
                                    slot_mapping if cache is not None else positions, num_heads, num_kv_heads,
-                                   head_dim, triton.next_power_of_2(head_dim), norm is not None, cache is not None,
-                                   fp8, FP8_MAX, num_warps=1)
+                                   head_dim, head_dim // 2, triton.next_power_of_2(head_dim), norm is not None,
+                                   cache is not None, fp8, FP8_MAX, num_warps=1)
     return heads.split(qkv)
 
 
