@@ -39,6 +39,23 @@ def test_penalties_interpreted():
     run_interpreted("penalties", vocab=300)
 
 
+@interpreted
+@pytest.mark.parametrize("hidden", [48, 64])  # 48: a masked tail in the row's block
+def test_rms_norm_interpreted(hidden):
+    run_interpreted("rms_norm", hidden=hidden)
+
+
+@interpreted
+def test_silu_and_mul_interpreted():
+    run_interpreted("silu_and_mul", d=1100)  # two column blocks, the second partial
+
+
+@interpreted
+@pytest.mark.parametrize("head_dim", [16, 12])  # 12: a masked tail, halves of 6
+def test_qk_norm_rope_interpreted(head_dim):
+    run_interpreted("qk_norm_rope", head_dim=head_dim)
+
+
 @pytest.mark.gpu
 @gpu
 def test_store_kvcache_gpu():
@@ -70,3 +87,27 @@ def test_thresholds_gpu(vocab):
 def test_penalties_gpu(vocab):
     from kernel_checks.penalties import check
     check("cuda", vocab=vocab)
+
+
+@pytest.mark.gpu
+@gpu
+@pytest.mark.parametrize("hidden", [1024, 4096, 5120])  # Qwen3-0.6B, -8B; 5120: not a power of two
+def test_rms_norm_gpu(hidden):
+    from kernel_checks.rms_norm import check
+    check("cuda", hidden=hidden, num_tokens=300)
+
+
+@pytest.mark.gpu
+@gpu
+@pytest.mark.parametrize("d", [3072, 12288, 4864])  # Qwen3-0.6B, -8B, Qwen2.5-0.5B
+def test_silu_and_mul_gpu(d):
+    from kernel_checks.silu_and_mul import check
+    check("cuda", d=d, num_tokens=300)
+
+
+@pytest.mark.gpu
+@gpu
+@pytest.mark.parametrize("head_dim,heads,kv_heads", [(128, 16, 8), (64, 14, 2), (80, 4, 2)])
+def test_qk_norm_rope_gpu(head_dim, heads, kv_heads):
+    from kernel_checks.qk_norm_rope import check
+    check("cuda", head_dim=head_dim, heads=heads, kv_heads=kv_heads, num_blocks=8, block_size=16)

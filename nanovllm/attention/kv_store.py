@@ -5,7 +5,8 @@ Cache layout per layer: k_cache, v_cache [num_blocks, block_size, num_kv_heads, 
 A float8_e4m3fn cache stores, per (token, kv head), scale = amax(|x|) / FP8_MAX (1.0 for a zero row)
 in k_scales / v_scales [num_blocks, block_size, num_kv_heads] float32 and clamp(x / scale) as e4m3,
 so that fp8.float() * scale dequantizes; other caches get a plain copy (cast to the cache dtype).
-The Triton and torch versions write the same bytes.
+The Triton and torch versions write the same bytes; so does the fused QK-norm/RoPE kernel
+(layers/qk_norm_rope.py), which stores through `fp8_quantize_rows` too.
 """
 from typing import NamedTuple
 
@@ -28,7 +29,7 @@ class LayerKVCache(NamedTuple):
     v_scales: torch.Tensor | None = None
 
 
-def _check_scales(k_cache: torch.Tensor, k_scales: torch.Tensor | None, v_scales: torch.Tensor | None):
+def check_scales(k_cache: torch.Tensor, k_scales: torch.Tensor | None, v_scales: torch.Tensor | None):
     if k_cache.dtype == FP8_DTYPE:
         assert k_scales is not None and v_scales is not None, "an FP8 cache needs k_scales and v_scales"
         assert k_scales.shape == k_cache.shape[:3] and k_scales.dtype == torch.float32 and k_scales.is_contiguous()
@@ -36,6 +37,16 @@ def _check_scales(k_cache: torch.Tensor, k_scales: torch.Tensor | None, v_scales
 
 
 if triton is not None:
+    @triton.jit
+    def fp8_quantize_rows(x, FP8_MAX: tl.constexpr):
+        """x float32 [rows, cols] (masked columns 0) -> (e4m3-ready values: x / scale clamped to
+        +-FP8_MAX, still float32; scale [rows] = amax(|x|) / FP8_MAX, 1.0 for a zero row). The one
+        definition of this file's FP8 contract in Triton: every kernel that stores K/V calls it."""
+        amax = tl.max(tl.abs(x), axis=1)  # [rows]
+        scale = tl.where(amax == 0.0, 1.0, tl.div_rn(amax, tl.full(amax.shape, FP8_MAX, tl.float32)))
+        q = tl.div_rn(x, tl.broadcast_to(scale[:, None], x.shape))
+        return tl.minimum(tl.maximum(q, -FP8_MAX), FP8_MAX), scale
+
     @triton.jit
     def _store_kvcache_kernel(key_ptr, key_stride_t, key_stride_h, value_ptr, value_stride_t, value_stride_h,
                               k_cache_ptr, v_cache_ptr, k_scales_ptr, v_scales_ptr, slot_mapping_ptr,
@@ -51,17 +62,13 @@ if triton is not None:
         cache_offsets = slot * (KV_HEADS * HEAD_DIM) + heads * HEAD_DIM + dims
         for which in tl.static_range(2):  # 0: key, 1: value
             if which == 0:
-                x = tl.load(key_ptr + token * key_stride_t + heads * key_stride_h + dims, mask=mask)
+                x = tl.load(key_ptr + token * key_stride_t + heads * key_stride_h + dims, mask=mask, other=0.0)
                 cache_ptr, scales_ptr = k_cache_ptr, k_scales_ptr
             else:
-                x = tl.load(value_ptr + token * value_stride_t + heads * value_stride_h + dims, mask=mask)
+                x = tl.load(value_ptr + token * value_stride_t + heads * value_stride_h + dims, mask=mask, other=0.0)
                 cache_ptr, scales_ptr = v_cache_ptr, v_scales_ptr
             if FP8:
-                x = x.to(tl.float32)
-                amax = tl.max(tl.abs(x), axis=1)  # [BLOCK_H]
-                scale = tl.where(amax == 0.0, 1.0, tl.div_rn(amax, tl.full(amax.shape, FP8_MAX, tl.float32)))
-                q = tl.div_rn(x, tl.broadcast_to(scale[:, None], x.shape))
-                q = tl.minimum(tl.maximum(q, -FP8_MAX), FP8_MAX)
+                q, scale = fp8_quantize_rows(x.to(tl.float32), FP8_MAX)
                 q = q.to(cache_ptr.dtype.element_ty, fp_downcast_rounding="rtne")
                 tl.store(cache_ptr + cache_offsets, q, mask=mask)
                 head_ids = tl.arange(0, BLOCK_H)
@@ -78,7 +85,7 @@ def store_kvcache_triton(key: torch.Tensor, value: torch.Tensor, k_cache: torch.
     assert key.stride(-1) == 1 and value.stride(-1) == 1 and value.shape == key.shape
     assert k_cache.is_contiguous() and v_cache.is_contiguous() and k_cache.shape[2:] == key.shape[1:]
     assert slot_mapping.numel() == num_tokens
-    _check_scales(k_cache, k_scales, v_scales)
+    check_scales(k_cache, k_scales, v_scales)
     if num_tokens == 0:
         return
     fp8 = k_cache.dtype == FP8_DTYPE
@@ -101,7 +108,7 @@ def store_kvcache_torch(key: torch.Tensor, value: torch.Tensor, k_cache: torch.T
                         slot_mapping: torch.Tensor, k_scales: torch.Tensor | None = None,
                         v_scales: torch.Tensor | None = None):
     """Torch version of `store_kvcache` (same contract)."""
-    _check_scales(k_cache, k_scales, v_scales)
+    check_scales(k_cache, k_scales, v_scales)
     keep = slot_mapping != PAD_SLOT_ID
     slots = slot_mapping[keep].long()
     for x, cache, scales in ((key, k_cache, k_scales), (value, v_cache, v_scales)):

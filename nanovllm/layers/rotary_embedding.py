@@ -2,13 +2,13 @@
 
 cos/sin are precomputed in float32 for every position up to `max_position`; rotation runs in
 float32 and is cast back. The inverse frequencies are rescaled as the config's rope scaling says
-(type "llama3"); other scaling types are refused.
+(type "llama3"); other scaling types are refused. On CUDA the decoder rotates through the fused
+QK-norm/RoPE kernel (qk_norm_rope.py), which reads the same `cos_sin_cache`.
 """
 import math
 
 import torch
-
-from nanovllm.layers.compilable import CompilableOp
+from torch import nn
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -56,8 +56,7 @@ def rope_inv_freq(head_dim: int, base: float, rope_scaling: dict | None) -> torc
     raise ValueError(f"rope_scaling of type {rope_type!r} is not supported (config rope_scaling={rope_scaling}).")
 
 
-class RotaryEmbedding(CompilableOp):
-    kernel = staticmethod(rotate_qk)
+class RotaryEmbedding(nn.Module):
 
     def __init__(self, head_dim: int, max_position: int, base: float, rope_scaling: dict | None = None):
         super().__init__()
@@ -67,4 +66,4 @@ class RotaryEmbedding(CompilableOp):
         self.register_buffer("cos_sin_cache", torch.cat((freqs.cos(), freqs.sin()), -1), persistent=False)
 
     def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor):
-        return self.impl(positions, q, k, self.cos_sin_cache)
+        return rotate_qk(positions, q, k, self.cos_sin_cache)

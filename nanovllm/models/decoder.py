@@ -1,10 +1,11 @@
 """The decoder-only transformer shared by the Llama, Mistral, Qwen2, Qwen3 and Qwen-MoE families.
 
 Pre-norm layers: RMSNorm -> GQA attention with NeoX RoPE -> residual add; RMSNorm -> SwiGLU MLP ->
-residual add (each residual add is fused into the norm that follows it). The families differ only
-in what their config says, which each architecture's class reads into a `DecoderSpec`: the biases
-of the projections and the per-head RMSNorm of q and k. An MoE family puts its sparse block in
-place of the MLP of some layers (`make_mlp`). Tied embeddings come from
+residual add. Fused (one Triton kernel each on CUDA, see layers/): each residual add with the
+RMSNorm that follows it; q/k norm, RoPE and the KV-cache store; SiLU with the gate-up product.
+The families differ only in what their config says, which each architecture's class reads into a
+`DecoderSpec`: the biases of the projections and the per-head RMSNorm of q and k. An MoE family
+puts its sparse block in place of the MLP of some layers (`make_mlp`). Tied embeddings come from
 `config.tie_word_embeddings`, head_dim from `config.head_dim` or hidden_size / num_attention_heads.
 
 Module and parameter names match the Hugging Face checkpoints (`model.layers.N.self_attn.o_proj`,
@@ -24,10 +25,12 @@ from torch import nn
 from transformers import PretrainedConfig
 
 from nanovllm.attention import Attention
+from nanovllm.attention.metadata import get_attention_metadata
 from nanovllm.layers.activation import SiluAndMul
 from nanovllm.layers.embed_head import ParallelLMHead, VocabParallelEmbedding
 from nanovllm.layers.layernorm import RMSNorm
 from nanovllm.layers.linear import MergedColumnParallelLinear, QKVParallelLinear, RowParallelLinear
+from nanovllm.layers.qk_norm_rope import QKNorm, QKVHeads, qk_norm_rope_store
 from nanovllm.layers.quantization.config import Fp8Config
 from nanovllm.layers.rotary_embedding import RotaryEmbedding
 from nanovllm.models.config_utils import head_dim_of, rope_settings, sliding_window_of
@@ -94,15 +97,14 @@ class DecoderAttention(nn.Module):
                                           config.num_key_value_heads, bias=spec.qkv_bias,
                                           quant_config=linear_quant_config(quant_config, f"{prefix}.qkv_proj"),
                                           prefix=f"{prefix}.qkv_proj")
-        self.num_heads, self.num_kv_heads = self.qkv_proj.num_heads, self.qkv_proj.num_kv_heads
-        self.head_dim = head_dim
+        self.heads = QKVHeads(self.qkv_proj.num_heads, self.qkv_proj.num_kv_heads, head_dim)
         self.o_proj = RowParallelLinear(config.num_attention_heads * head_dim, config.hidden_size,
                                         bias=spec.o_proj_bias,
                                         quant_config=linear_quant_config(quant_config, f"{prefix}.o_proj"),
                                         prefix=f"{prefix}.o_proj")
         base, rope_scaling = rope_settings(config)
         self.rotary_emb = RotaryEmbedding(head_dim, config.max_position_embeddings, base, rope_scaling)
-        self.attn = Attention(self.num_heads, head_dim, head_dim ** -0.5, self.num_kv_heads)
+        self.attn = Attention(self.heads.num_heads, head_dim, head_dim ** -0.5, self.heads.num_kv_heads)
         if spec.qk_norm:
             self.q_norm = RMSNorm(head_dim, eps=config.rms_norm_eps)
             self.k_norm = RMSNorm(head_dim, eps=config.rms_norm_eps)
@@ -111,14 +113,15 @@ class DecoderAttention(nn.Module):
 
     def forward(self, positions: torch.Tensor, hidden_states: torch.Tensor) -> torch.Tensor:
         qkv = self.qkv_proj(hidden_states)  # [num_tokens, (heads + 2 * kv_heads) * head_dim]
-        q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
-        q, k, v = qkv.split([q_size, kv_size, kv_size], dim=-1)
-        q = q.view(-1, self.num_heads, self.head_dim)  # [num_tokens, heads, head_dim]
-        k = k.view(-1, self.num_kv_heads, self.head_dim)  # [num_tokens, kv_heads, head_dim]
+        norm = None
         if self.q_norm is not None:
-            q, k = self.q_norm(q), self.k_norm(k)
-        q, k = self.rotary_emb(positions, q, k)
-        out = self.attn(q, k, v.view(-1, self.num_kv_heads, self.head_dim))
+            norm = QKNorm(self.q_norm.weight, self.k_norm.weight, self.q_norm.eps)
+        cache = self.attn.cache
+        slot_mapping = get_attention_metadata().slot_mapping if cache is not None else None
+        # q: [num_tokens, heads, head_dim]; k, v: [num_tokens, kv_heads, head_dim]; k, v stored in `cache`
+        q, k, v = qk_norm_rope_store(qkv, positions, self.rotary_emb.cos_sin_cache, self.heads, norm, cache,
+                                     slot_mapping)
+        out = self.attn(q, k, v, kv_stored=True)
         return self.o_proj(out.flatten(1, -1))
 
 

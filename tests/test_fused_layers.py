@@ -1,0 +1,108 @@
+"""The decoder's fused layers (layers/layernorm, activation, qk_norm_rope) at the model level. The
+kernels themselves are checked against their torch references in test_kernels.py.
+
+CPU: the torch path of `qk_norm_rope_store` stores what the attention layer's own store wrote
+before the fusion, and `Attention(..., kv_stored=True)` stores nothing. GPU: an engine on the fused
+Triton kernels against the same engine on the unfused torch layers (the module-level `triton` of
+the three layer files set to None), per attention backend and KV-cache dtype: prefill logits
+within bf16 rounding, greedy tokens equal up to near-ties (test_gpu's yardstick).
+"""
+import pytest
+import torch
+
+from nanovllm.attention import Attention, AttentionMetadata, LayerKVCache, forward_context
+from nanovllm.attention.kv_store import PAD_SLOT_ID, store_kvcache_torch
+from nanovllm.layers import activation, layernorm, qk_norm_rope
+from nanovllm.layers.qk_norm_rope import QKNorm, QKVHeads, qk_norm_rope_store, qk_norm_rope_torch
+from nanovllm.layers.rotary_embedding import RotaryEmbedding
+
+gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+def test_qk_norm_rope_store_torch_path_stores_like_the_attention_layer():
+    g = torch.Generator().manual_seed(0)
+    heads = QKVHeads(4, 2, 8)
+    qkv = torch.randn(5, 8 * 8, generator=g)
+    positions = torch.tensor([3, 0, 9, 4, 1])
+    slots = torch.tensor([7, PAD_SLOT_ID, 0, 12, 3])
+    cos_sin = RotaryEmbedding(8, 16, 10000.0).cos_sin_cache
+    norm = QKNorm(1 + 0.1 * torch.randn(8, generator=g), 1 + 0.1 * torch.randn(8, generator=g), 1e-6)
+    cache = LayerKVCache(torch.zeros(4, 4, 2, 8), torch.zeros(4, 4, 2, 8))
+    q, k, v = qk_norm_rope_store(qkv.clone(), positions, cos_sin, heads, norm, cache, slots)
+    ref_q, ref_k, ref_v = qk_norm_rope_torch(qkv, positions, cos_sin, heads, norm)
+    ref = LayerKVCache(torch.zeros(4, 4, 2, 8), torch.zeros(4, 4, 2, 8))
+    store_kvcache_torch(ref_k, ref_v, ref.k, ref.v, slots)
+    assert torch.equal(q, ref_q) and torch.equal(k, ref_k) and torch.equal(v, ref_v)
+    assert torch.equal(cache.k, ref.k) and torch.equal(cache.v, ref.v) and cache.k.flatten(0, 1)[7].abs().sum() > 0
+
+
+def test_attention_does_not_store_what_the_caller_stored():
+    attn = Attention(2, 8, 8 ** -0.5, 2)
+    cache = LayerKVCache(torch.zeros(2, 4, 2, 8), torch.zeros(2, 4, 2, 8))
+    attn.bind(attn.backend, cache)
+    q, k, v = torch.randn(1, 2, 8), torch.randn(1, 2, 8), torch.randn(1, 2, 8)
+    meta = AttentionMetadata(is_prefill=True, slot_mapping=torch.tensor([5], dtype=torch.int32),
+                             cu_seqlens_q=torch.tensor([0, 1], dtype=torch.int32),
+                             cu_seqlens_k=torch.tensor([0, 1], dtype=torch.int32), max_seqlen_q=1, max_seqlen_k=1)
+    with forward_context(meta):
+        attn(q, k, v, kv_stored=True)
+        assert cache.k.abs().sum() == 0 and cache.v.abs().sum() == 0
+        attn(q, k, v)
+        assert torch.equal(cache.k.flatten(0, 1)[5], k[0]) and torch.equal(cache.v.flatten(0, 1)[5], v[0])
+
+
+# ---- GPU: fused against unfused, whole engine ------------------------------------------------
+
+@pytest.fixture(scope="module")
+def qwen3_gpu(tmp_path_factory):
+    """test_gpu's tiny Qwen3 in bfloat16 (head_dim 128, which flash-attn's build takes)."""
+    from fixtures.checkpoints import write_tiny_qwen3
+    return write_tiny_qwen3(tmp_path_factory.mktemp("qwen3_fused"), num_hidden_layers=4, hidden_size=512,
+                            num_attention_heads=8, num_key_value_heads=4, head_dim=128, intermediate_size=1024,
+                            dtype=torch.bfloat16, seed=3)
+
+
+@pytest.fixture(scope="module")
+def hf_fp32(qwen3_gpu):
+    from transformers import AutoModelForCausalLM
+    return AutoModelForCausalLM.from_pretrained(qwen3_gpu, dtype=torch.float32).cuda().eval()
+
+
+def _run(path: str, batch: list[list[int]], **options) -> tuple[list[list[int]], list[dict]]:
+    """Greedy tokens of `batch`, and the top-20 logprobs of each prompt's first generated token."""
+    from test_gpu import GREEDY
+    from nanovllm import LLM, SamplingParams
+    llm = LLM(path, max_model_len=1024, **options)
+    try:
+        tokens = [o.outputs[0].token_ids for o in llm.generate(batch, GREEDY, use_tqdm=False)]
+        one = SamplingParams(temperature=0, max_tokens=1, logprobs=20)
+        logprobs = [o.outputs[0].logprobs[0] for o in llm.generate(batch, one, use_tqdm=False)]
+    finally:
+        llm.shutdown()
+    return tokens, logprobs
+
+
+@pytest.mark.gpu
+@gpu
+@pytest.mark.parametrize("options", [dict(attention_backend="flash_attn"), dict(attention_backend="triton"),
+                                     dict(attention_backend="triton", kv_cache_dtype="fp8"),
+                                     dict(attention_backend="triton", enforce_eager=True)],
+                         ids=["flash_attn", "triton", "triton_fp8", "triton_eager"])
+def test_fused_engine_close_to_unfused(qwen3_gpu, hf_fp32, options, monkeypatch):
+    from test_gpu import assert_greedy_close, prompts
+    if options["attention_backend"] == "flash_attn":
+        pytest.importorskip("flash_attn")
+    batch = prompts()
+    fused_tokens, fused_logprobs = _run(qwen3_gpu, batch, **options)
+    with monkeypatch.context() as patch:
+        for module in (layernorm, activation, qk_norm_rope):
+            patch.setattr(module, "triton", None)
+        plain_tokens, plain_logprobs = _run(qwen3_gpu, batch, **options)
+    for fused, plain in zip(fused_logprobs, plain_logprobs):
+        shared = sorted(set(fused) & set(plain))
+        assert len(shared) >= 15, "the top-20 tokens of the first step differ"
+        a = torch.tensor([fused[t].logprob for t in shared])
+        b = torch.tensor([plain[t].logprob for t in shared])
+        assert (a - b).norm() / b.norm() < 2e-2, f"first-step logprobs differ: {a} vs {b}"  # test_gpu's bound
+    assert_greedy_close(hf_fp32, batch, fused_tokens, plain_tokens)
+
