@@ -19,7 +19,6 @@ from torch.distributed import ReduceOp
 
 from nanovllm.attention import FP8_DTYPE, PAD_SLOT_ID, Attention, LayerKVCache, backend_class, forward_context
 from nanovllm.config import Config
-from nanovllm.layers.compilable import CompilableOp
 from nanovllm.models import get_model_class
 from nanovllm.models.loader import load_dummy_weights, load_model
 from nanovllm.sample.logprobs import LogprobsLists, LogprobsTensors, token_logprobs
@@ -72,11 +71,6 @@ class ModelRunner:
         finally:
             torch.set_default_dtype(default_dtype)
         self.model.eval()
-        use_cuda_graphs = self.device.type == "cuda" and not config.enforce_eager
-        if use_cuda_graphs:
-            for module in self.model.modules():
-                if isinstance(module, CompilableOp):
-                    module.use_compiled()
         self.sampler = None
         if self.rank == 0:
             self.sampler = Sampler(config.seed)
@@ -88,7 +82,7 @@ class ModelRunner:
         self.graph_runner = None  # the warm-up forward below runs eagerly
         self.num_kvcache_blocks = self._num_kvcache_blocks()
         self._allocate_kv_cache(self.num_kvcache_blocks)
-        if use_cuda_graphs:
+        if self.device.type == "cuda" and not config.enforce_eager:
             self.graph_runner = CUDAGraphRunner(self.model, config.graph_batch_sizes,
                                                 -(-config.max_model_len // self.block_size), hf_config.hidden_size,
                                                 config.torch_dtype, self.device)
