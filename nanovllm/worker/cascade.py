@@ -102,6 +102,9 @@ def _best_groups(tables: list[list[int]], caps: list[int], rows: list[int], shar
 def plan_cascade(block_tables: list[list[int]], context_lens: list[int], block_size: int,
                  policy: CascadePolicy) -> CascadePlan | None:
     """The shared-prefix groups of a decode step that pass `policy`; None when none does (plain step)."""
+    firsts = {t[0] for t in block_tables if t}
+    if len(firsts) == len(block_tables):  # no two rows on one first block: the common case, decided fast
+        return None
     caps = [min(len(t), n // block_size) for t, n in zip(block_tables, context_lens)]  # whole blocks of keys
     by_first: dict[int, list[int]] = {}
     for row, table in enumerate(block_tables):
