@@ -29,6 +29,7 @@ MIN_GROUP_SAVED_BLOCKS = 4  # a group must save at least this many blocks' worth
 # many tokens of K/V reads (Qwen3-0.6B: 112 KiB per token over its layers, ~15 GB: ~3.5 ms at H200
 # bandwidth) to be worth the eager launches (a few ms per step for a 28-layer model).
 MIN_STEP_SAVED_TOKENS_VS_GRAPH = 131072
+MAX_TRIE_DEPTH = 64  # branch points followed below a first block (bounds the recursion on odd batches)
 
 
 class CascadeGroup(NamedTuple):
@@ -79,12 +80,14 @@ def _common_blocks(tables: list[list[int]], rows: list[int], start: int, limit: 
 
 
 def _best_groups(tables: list[list[int]], caps: list[int], rows: list[int], shared: int,
-                 min_saved_blocks: float) -> tuple[int, list[CascadeGroup]]:
+                 min_saved_blocks: float, depth: int = 0) -> tuple[int, list[CascadeGroup]]:
     """(saved blocks, groups) of the best partition of `rows`, which share their first `shared` blocks."""
     limit = min(caps[r] for r in rows)
     shared = _common_blocks(tables, rows, shared, limit)
     here = shared * (len(rows) - 1)
-    best = (here, [CascadeGroup(sorted(rows), shared)]) if here >= min_saved_blocks and here > 0 else (0, [])
+    best = (here, [CascadeGroup(sorted(rows), shared)]) if here >= min_saved_blocks else (0, [])
+    if depth == MAX_TRIE_DEPTH:
+        return best
     if shared == limit:  # some row has no block to branch on
         rows = [r for r in rows if caps[r] > shared]
     buckets: dict[int, list[int]] = {}
@@ -93,7 +96,7 @@ def _best_groups(tables: list[list[int]], caps: list[int], rows: list[int], shar
     below, groups = 0, []
     for bucket in buckets.values():
         if len(bucket) > 1:
-            saved, sub = _best_groups(tables, caps, bucket, shared + 1, min_saved_blocks)
+            saved, sub = _best_groups(tables, caps, bucket, shared + 1, min_saved_blocks, depth + 1)
             below += saved
             groups += sub
     return (below, groups) if below > best[0] else best
