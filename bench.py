@@ -8,12 +8,21 @@
     python bench.py --quantization fp8           # FP8 weights (random weights: quantized at load time)
     python bench.py --attention-backend triton --kv-cache-dtype fp8 --block-size 16   # the KV path
     python bench.py --data-parallel-size 2       # two replicas on Ray (the `ray` extra)
+    python bench.py --workload shared-prefix --attention-backend triton [--no-cascade]   # cascade attention
+    python bench.py --workload n-samples --attention-backend triton [--no-cascade]
 
 Default workload: random.seed(0); 256 sequences; prompt i is randint(100, 1024) random token ids
 in [0, 10000]; then one SamplingParams(temperature=0.6, ignore_eos=True,
 max_tokens=randint(100, 1024)) per sequence; a short warm-up generate; one timed generate.
 Lengths are drawn from [min(100, max), max], so any --max-input-len / --max-output-len >= 1 works.
 On the CPU the full workload takes long: a progress bar shows how far it got.
+
+Shared-prefix workloads (decode tok/s: decode steps only, timed step by step, and its share of the floor
+where every distinct KV block of a step's batch is read once, plus the weights, at --bandwidth-tbs):
+- shared-prefix: random.seed(0); one 2,048-token random system prompt; --num-seqs (512 unless given)
+  prompts = it + randint(32, 256) own random tokens; temperature 0.6, ignore_eos, 128 new tokens each.
+- n-samples: random.seed(0); 64 prompts of 1,024 random tokens; n=16, temperature 0.6, ignore_eos,
+  256 new tokens each.
 """
 import argparse
 import json
@@ -83,7 +92,7 @@ def parse_args(argv: list[str] | None = None):
     parser.add_argument("--model", help="checkpoint folder; default: --dummy-config with random weights")
     parser.add_argument("--dummy-config", default="Qwen3-0.6B", choices=sorted(DUMMY_CONFIGS))
     parser.add_argument("--load-format", default="auto", choices=["auto", "safetensors", "dummy"])
-    parser.add_argument("--num-seqs", type=positive_int, default=256)
+    parser.add_argument("--num-seqs", type=positive_int, default=None, help="default 256 (shared-prefix: 512)")
     parser.add_argument("--max-input-len", type=positive_int, default=1024)
     parser.add_argument("--max-output-len", type=positive_int, default=1024)
     parser.add_argument("--max-model-len", type=positive_int, default=4096)
@@ -102,7 +111,15 @@ def parse_args(argv: list[str] | None = None):
     parser.add_argument("--repeat", type=positive_int, default=1, help="time each workload this many times")
     parser.add_argument("--mixed-sampling", action="store_true",
                         help="also run the workload with a mix of greedy, top-k/top-p and penalised requests")
-    return parser.parse_args(argv)
+    parser.add_argument("--workload", default="default", choices=["default", *SHARED_WORKLOADS],
+                        help="a shared-prefix workload: decode tok/s and its floor (see above)")
+    parser.add_argument("--no-cascade", action="store_true", help="enable_cascade_attention=False")
+    parser.add_argument("--bandwidth-tbs", type=float, default=4.25,
+                        help="HBM bandwidth for the floor of --workload (H200, docs/PERF.md's copy ceiling)")
+    args = parser.parse_args(argv)
+    if args.num_seqs is None:
+        args.num_seqs = 512 if args.workload == "shared-prefix" else 256
+    return args
 
 
 def make_llm(args, folder: str) -> LLM:
@@ -112,7 +129,8 @@ def make_llm(args, folder: str) -> LLM:
                    tensor_parallel_size=args.tensor_parallel_size, quantization=args.quantization,
                    attention_backend=args.attention_backend, block_size=args.block_size,
                    kv_cache_dtype=args.kv_cache_dtype, data_parallel_size=args.data_parallel_size,
-                   data_parallel_backend=args.data_parallel_backend)
+                   data_parallel_backend=args.data_parallel_backend,
+                   enable_cascade_attention=not args.no_cascade)
     if args.model is None:
         with open(os.path.join(folder, "config.json"), "w") as f:
             json.dump(DUMMY_CONFIGS[args.dummy_config], f)
@@ -167,6 +185,66 @@ def throughput(llm: LLM, args, show_progress: bool = False) -> dict[str, float]:
     return results
 
 
+SHARED_WORKLOADS = ("shared-prefix", "n-samples")
+
+
+def shared_workload(name: str, num_seqs: int) -> tuple[list[list[int]], SamplingParams]:
+    """(prompt token ids, sampling params) of a --workload (see the module docstring)."""
+    seed(0)
+    if name == "shared-prefix":
+        system = [randint(0, 10000) for _ in range(2048)]
+        prompts = [system + [randint(0, 10000) for _ in range(randint(32, 256))] for _ in range(num_seqs)]
+        return prompts, SamplingParams(temperature=0.6, ignore_eos=True, max_tokens=128)
+    prompts = [[randint(0, 10000) for _ in range(1024)] for _ in range(64)]
+    return prompts, SamplingParams(n=16, temperature=0.6, ignore_eos=True, max_tokens=256)
+
+
+def shared_throughput(llm: LLM, args):
+    """Run --workload: decode tok/s (decode steps only) and its share of the floor, printed."""
+    engine = llm.llm_engine
+    hf = engine.config.hf_config
+    head_dim = getattr(hf, "head_dim", None) or hf.hidden_size // hf.num_attention_heads
+    kv_bytes = 1 if args.kv_cache_dtype != "auto" else 2
+    token_bytes = 2 * hf.num_hidden_layers * hf.num_key_value_heads * head_dim * kv_bytes  # K and V, all layers
+    weight_bytes = sum(p.numel() * p.element_size() for p in engine.executor.runner.model.parameters())
+    block_size = engine.config.block_size
+    scheduler, steps = engine.scheduler, []  # per step: (is_prefill, rows, distinct KV blocks, host s to count)
+    schedule = scheduler.schedule
+
+    def recording_schedule():
+        output = schedule()
+        start = time.perf_counter()
+        blocks = 0 if output.is_prefill else len({b for seq in output.seqs for b in seq.block_table})
+        steps.append((output.is_prefill, len(output.seqs), blocks, time.perf_counter() - start))
+        return output
+    llm.generate([[0] * 16], SamplingParams(max_tokens=4), use_tqdm=False)  # warm-up
+    prompts, params = shared_workload(args.workload, args.num_seqs)
+    for i, prompt in enumerate(prompts):
+        engine.add_request(f"{args.workload}-{i}", dict(prompt_token_ids=prompt), params)
+    scheduler.schedule = recording_schedule
+    decode_s = prefill_s = floor_s = 0.0
+    decode_tokens = 0
+    try:
+        while not engine.is_finished():
+            start = time.perf_counter()
+            engine.step()
+            is_prefill, rows, blocks, counting_s = steps[-1]
+            elapsed = time.perf_counter() - start - counting_s
+            if is_prefill:
+                prefill_s += elapsed
+                continue
+            decode_s += elapsed
+            decode_tokens += rows
+            floor_s += (weight_bytes + blocks * block_size * token_bytes) / (args.bandwidth_tbs * 1e12)
+    finally:
+        scheduler.schedule = schedule
+    num_decode = sum(1 for s in steps if not s[0])
+    cascade = "off" if args.no_cascade else "on"
+    print(f"[{args.workload}, cascade {cascade}] decode: {decode_tokens}tok in {num_decode} steps, {decode_s:.2f}s, "
+          f"{decode_tokens / decode_s:.0f}tok/s, {1000 * decode_s / num_decode:.2f}ms/step; floor {floor_s:.2f}s "
+          f"({100 * floor_s / decode_s:.0f}% of it); prefill {prefill_s:.2f}s")
+
+
 def decode_latency(llm: LLM, batch_size: int, prompt_len: int = 128, max_tokens: int = 512,
                    progress: tqdm | None = None) -> tuple[float, float]:
     """(decode tok/s, ms per decode step) of one batch, prefill excluded; `progress` counts the steps."""
@@ -199,6 +277,9 @@ def latency(llm: LLM, show_progress: bool, repeat: int = 1):
 
 def main():
     args = parse_args()
+    if args.workload != "default" and (args.data_parallel_size > 1 or args.data_parallel_backend
+                                       or args.tensor_parallel_size > 1):
+        raise SystemExit("--workload steps one engine on one GPU: no --data-parallel-size / --tensor-parallel-size.")
     if args.latency and (args.data_parallel_size > 1 or args.data_parallel_backend):
         raise SystemExit("--latency steps one engine: it does not go with --data-parallel-size / -backend.")
     on_cpu = not torch.cuda.is_available()
@@ -209,7 +290,10 @@ def main():
     with tempfile.TemporaryDirectory(prefix="nanovllm-bench-") as folder:
         llm = make_llm(args, folder)
         try:
-            if not args.latency:
+            if args.workload != "default":
+                for _ in range(args.repeat):
+                    shared_throughput(llm, args)
+            elif not args.latency:
                 throughput(llm, args, on_cpu)
             if args.latency or args.with_latency:
                 latency(llm, on_cpu, args.repeat)

@@ -37,6 +37,9 @@ class Config:
     attention_backend: str = "auto"  # "auto", "flash_attn", "triton" or "torch"; resolved at construction
     kv_cache_dtype: str = "auto"
     enable_prefix_caching: bool = True
+    # decode reads KV blocks shared by several sequences once per group (worker/cascade.py), where the
+    # attention backend can (Triton, torch); the flash-attn backend keeps the plain path
+    enable_cascade_attention: bool = True
     num_gpu_blocks_override: int | None = None
     cpu_kvcache_space_gib: float = 1.0  # KV cache budget when running on the CPU
     dtype: str | torch.dtype = "auto"
@@ -59,6 +62,8 @@ class Config:
         _check_int("tensor_parallel_size", self.tensor_parallel_size, 1)
         _check_int("max_num_seqs", self.max_num_seqs, 1)
         _check_int("max_num_batched_tokens", self.max_num_batched_tokens, 1)
+        if not isinstance(self.enable_cascade_attention, bool):
+            raise ValueError(f"enable_cascade_attention must be a bool, got {self.enable_cascade_attention!r}.")
         if self.num_gpu_blocks_override is not None:
             _check_int("num_gpu_blocks_override", self.num_gpu_blocks_override, 1)
         if not 0 < self.gpu_memory_utilization <= 1:

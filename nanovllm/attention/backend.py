@@ -29,6 +29,7 @@ class CacheSpec:
 class AttentionBackend:
     name: str
     default_block_size: int
+    supports_cascade = False  # forward reads AttentionMetadata.cascade (shared-prefix decode)
 
     @classmethod
     def unsupported(cls, spec: CacheSpec) -> str | None:

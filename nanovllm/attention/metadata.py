@@ -13,6 +13,24 @@ import torch
 
 
 @dataclass
+class CascadeMetadata:
+    """A decode step with shared prefixes (worker/cascade.py): group g's rows all hold the same first
+    prefix_lens[g] keys (whole blocks); each row's keys after its group's prefix are its suffix (the whole
+    context for a row in no group). Attention = LSE-merge of the prefix pass and the suffix pass.
+    Cascade steps run eagerly: the host ints size the grids."""
+    prefix_block_tables: torch.Tensor  # [num_groups, max_prefix_blocks] int32, the shared blocks
+    prefix_lens: torch.Tensor          # [num_groups] int32 shared keys (a multiple of block_size)
+    group_rows: torch.Tensor           # [num_grouped_rows] int32 step rows, group by group
+    cu_group_rows: torch.Tensor        # [num_groups + 1] int32 offsets of each group's rows in group_rows
+    seq_prefix_lens: torch.Tensor      # [num_seqs] int32 the prefix_len of each row's group; 0: no group
+    suffix_block_tables: torch.Tensor  # [num_seqs, max_suffix_blocks] int32 each row's table after the prefix
+    suffix_lens: torch.Tensor          # [num_seqs] int32 context_len - seq_prefix_len
+    num_groups: int
+    max_group_size: int                # rows of the largest group
+    max_prefix_len: int
+
+
+@dataclass
 class AttentionMetadata:
     is_prefill: bool
     slot_mapping: torch.Tensor                   # [num_tokens] flat cache slot of each token
@@ -22,6 +40,7 @@ class AttentionMetadata:
     max_seqlen_k: int = 0
     context_lens: torch.Tensor | None = None     # [num_seqs] decode: keys per sequence
     block_tables: torch.Tensor | None = None     # [num_seqs, max_blocks]; None: no cached prefix
+    cascade: CascadeMetadata | None = None       # decode with shared prefixes; block_tables, context_lens None
 
 
 _current: ContextVar[AttentionMetadata | None] = ContextVar("attention_metadata", default=None)

@@ -4,6 +4,9 @@ Prefill: a loop over sequences, each attending causally over its keys (this step
 prefix is cached, else the paged cache through its block table). Decode: one batched masked
 attention over every sequence's cached keys. GQA by repeating the K/V heads. An FP8 cache is
 dequantized (float32 values times their scales) as it is gathered, then cast to q's dtype.
+Cascade decode (shared prefixes, AttentionMetadata.cascade): each group's prefix keys are gathered once
+and attended by all its rows, each row's suffix keys by that row; the two results are merged by their
+log-sum-exp, in float32.
 Not CUDA-graph capturable (host syncs): on CUDA it needs enforce_eager=True.
 """
 import torch
@@ -11,7 +14,7 @@ import torch.nn.functional as F
 
 from nanovllm.attention.backend import AttentionBackend, CacheSpec
 from nanovllm.attention.kv_store import LayerKVCache
-from nanovllm.attention.metadata import AttentionMetadata
+from nanovllm.attention.metadata import AttentionMetadata, CascadeMetadata
 
 
 def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
@@ -37,9 +40,45 @@ def _gather(cache: torch.Tensor, scales: torch.Tensor | None, slots: torch.Tenso
     return rows.to(dtype)
 
 
+def _attend_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
+                keep: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """q: [n, H, D]; k, v: [n or 1, L, KvH, D]; keep [n or 1, L]. (out [n, H, D], lse [n, H]) in float32,
+    natural log; a row that keeps nothing gives zeros and lse -inf."""
+    group = q.shape[-2] // k.shape[-2]
+    k, v = k.float().repeat_interleave(group, -2), v.float().repeat_interleave(group, -2)
+    scores = torch.einsum("nhd,nlhd->nhl", q.float(), k.expand(q.shape[0], *k.shape[1:])) * scale
+    scores = scores.masked_fill(~keep[:, None, :], float("-inf"))
+    lse = scores.logsumexp(-1)  # [n, H]
+    probs = (scores - lse.unsqueeze(-1)).exp().nan_to_num(0.0)
+    return torch.einsum("nhl,nlhd->nhd", probs, v.expand(q.shape[0], *v.shape[1:])), lse
+
+
+def _cascade_decode(q: torch.Tensor, cache: LayerKVCache, c: CascadeMetadata, scale: float) -> torch.Tensor:
+    """Decode attention as the LSE-merge of the shared-prefix pass and the suffix pass."""
+    block_size = cache.k.shape[1]
+    max_len = max(int(c.suffix_lens.max()), 1)
+    slots = _cache_slots(c.suffix_block_tables, max_len, block_size)  # [num_seqs, max_len]
+    keep = torch.arange(max_len, device=q.device) < c.suffix_lens.unsqueeze(1)
+    out, lse = _attend_lse(q, _gather(cache.k, cache.k_scales, slots, torch.float32),
+                           _gather(cache.v, cache.v_scales, slots, torch.float32), scale, keep)
+    cu = c.cu_group_rows.tolist()
+    for g, prefix_len in enumerate(c.prefix_lens.tolist()):
+        rows = c.group_rows[cu[g]:cu[g + 1]].long()
+        slots = _cache_slots(c.prefix_block_tables[g], prefix_len, block_size).unsqueeze(0)  # [1, prefix_len]
+        keep = torch.ones(1, prefix_len, dtype=torch.bool, device=q.device)
+        prefix_out, prefix_lse = _attend_lse(q[rows], _gather(cache.k, cache.k_scales, slots, torch.float32),
+                                             _gather(cache.v, cache.v_scales, slots, torch.float32), scale, keep)
+        m = torch.maximum(lse[rows], prefix_lse)  # finite: the prefix is never empty
+        w_suffix, w_prefix = (lse[rows] - m).exp(), (prefix_lse - m).exp()
+        out[rows] = (out[rows] * w_suffix.unsqueeze(-1) + prefix_out * w_prefix.unsqueeze(-1)) \
+            / (w_suffix + w_prefix).unsqueeze(-1)
+    return out.to(q.dtype)
+
+
 class TorchBackend(AttentionBackend):
     name = "torch"
     default_block_size = 16
+    supports_cascade = True
 
     @classmethod
     def unsupported(cls, spec: CacheSpec) -> str | None:
@@ -48,6 +87,8 @@ class TorchBackend(AttentionBackend):
         return None
 
     def forward(self, q, k, v, cache: LayerKVCache | None, meta: AttentionMetadata, scale: float) -> torch.Tensor:
+        if meta.cascade is not None:
+            return _cascade_decode(q, cache, meta.cascade, scale)
         if meta.block_tables is not None:
             block_size = cache.k.shape[1]
         if not meta.is_prefill:  # one query per sequence, batched with a length mask

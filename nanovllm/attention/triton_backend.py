@@ -1,6 +1,7 @@
 """The Triton backend (CUDA; the CPU under TRITON_INTERPRET=1): varlen prefill over the paged cache
 (`triton_prefill`) and split-KV paged decode (`triton_decode`), for any power-of-two block size
-from 16 and bf16/fp16/FP8 caches (FP8 dequantized in registers). Decode is CUDA-graph capturable.
+from 16 and bf16/fp16/FP8 caches (FP8 dequantized in registers). Decode is CUDA-graph capturable;
+cascade decode (shared prefixes read once per group, `triton_cascade`) runs eagerly.
 """
 import os
 
@@ -17,6 +18,7 @@ HEAD_DIMS = (64, 128, 256)
 class TritonBackend(AttentionBackend):
     name = "triton"
     default_block_size = 16  # docs/PERF.md: decode runs at the same speed at every block size
+    supports_cascade = True
 
     @classmethod
     def unsupported(cls, spec: CacheSpec) -> str | None:
@@ -39,5 +41,8 @@ class TritonBackend(AttentionBackend):
                 return paged_prefill(q, k, v, meta.cu_seqlens_q, meta.cu_seqlens_k, meta.max_seqlen_q, scale)
             return paged_prefill(q, cache.k, cache.v, meta.cu_seqlens_q, meta.cu_seqlens_k, meta.max_seqlen_q, scale,
                                  meta.block_tables, cache.k_scales, cache.v_scales)
+        if meta.cascade is not None:
+            from nanovllm.attention.triton_cascade import cascade_decode
+            return cascade_decode(q, cache.k, cache.v, meta.cascade, scale, cache.k_scales, cache.v_scales)
         return paged_decode(q, cache.k, cache.v, meta.block_tables, meta.context_lens, scale, cache.k_scales,
                             cache.v_scales)

@@ -4,7 +4,9 @@ A batch is padded up to the next captured size (graph padding): padded rows stor
 (PAD_SLOT_ID) and attend over nothing (context length 0). The graphs read their inputs from views
 of two device buffers (int64: input ids, positions; int32: slot mapping, context lengths, block
 tables), filled each step by one copy apiece from pinned host staging buffers of the same layout.
-All graphs share one memory pool and one output buffer.
+All graphs share one memory pool and one output buffer. Cascade (shared-prefix) steps are not
+captured: their grids follow the step's groups, so they run eagerly (worker/cascade.py's cost rule
+picks them only when the saving outweighs that).
 """
 import logging
 
@@ -50,7 +52,7 @@ class CUDAGraphRunner:
         logger.info("captured CUDA graphs for decode batch sizes %s", self.sizes)
 
     def can_run(self, step: StepInput) -> bool:
-        return not step.is_prefill and step.num_tokens <= self.max_bs
+        return not step.is_prefill and step.cascade is None and step.num_tokens <= self.max_bs
 
     def replay(self, step: StepInput) -> torch.Tensor:
         """[num_seqs, hidden_size]: the decode forward of `step`. Reusing the staging buffers is

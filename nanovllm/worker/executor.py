@@ -28,6 +28,7 @@ from multiprocessing.shared_memory import SharedMemory
 from nanovllm.config import Config
 from nanovllm.sample.sampler import SampledTokens
 from nanovllm.utils.parallel import SINGLE_RANK, connect_store, create_store, join_group, ranks_ready
+from nanovllm.worker.cascade import cascade_policy
 from nanovllm.worker.inputs import ScheduledSequence, StepInput, prepare_step, prompt_logprobs_targets
 from nanovllm.worker.model_runner import ModelRunner
 
@@ -84,6 +85,7 @@ class Executor:
 
     def __init__(self, config: Config):
         self.block_size = config.block_size
+        self.cascade = cascade_policy(config)  # None: decode steps never cascade
         self.workers: list[BaseProcess] = []
         self.doorbells: list[Connection] = []
         self.shm: SharedMemory | None = None
@@ -146,7 +148,7 @@ class Executor:
         in this step or an earlier one."""
         if self.failure is not None:
             raise RuntimeError(self.failure)
-        step = prepare_step(seqs, is_prefill, self.block_size)
+        step = prepare_step(seqs, is_prefill, self.block_size, self.cascade)
         targets = prompt_logprobs_targets(seqs) if step.prompt_logprobs_indices else None
         if self.workers:
             _write(self.shm, step)

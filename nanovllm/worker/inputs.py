@@ -18,7 +18,8 @@ from typing import NamedTuple, Protocol
 import numpy as np
 import torch
 
-from nanovllm.attention import AttentionMetadata
+from nanovllm.attention import AttentionMetadata, CascadeMetadata
+from nanovllm.worker.cascade import CascadePlan, CascadePolicy, plan_cascade
 
 
 class ScheduledSequence(Protocol):
@@ -50,6 +51,7 @@ class StepInput:
     context_lens: list[int] = field(default_factory=list)  # decode only
     logits_indices: list[int] = field(default_factory=list)  # rows that produce a next token
     prompt_logprobs_indices: list[int] = field(default_factory=list)  # rows that score a prompt token
+    cascade: CascadePlan | None = None  # decode only: shared-prefix groups (worker/cascade.py); None: plain
 
     @property
     def num_tokens(self) -> int:
@@ -91,16 +93,20 @@ def _slots(seq: ScheduledSequence, start: int, end: int, block_size: int) -> lis
     return slots
 
 
-def prepare_step(seqs: list[ScheduledSequence], is_prefill: bool, block_size: int) -> StepInput:
+def prepare_step(seqs: list[ScheduledSequence], is_prefill: bool, block_size: int,
+                 cascade: CascadePolicy | None = None) -> StepInput:
+    """The step's host inputs; `cascade`: the rule for shared-prefix decode steps (None: never)."""
     if not is_prefill:
+        block_tables, context_lens = [seq.block_table for seq in seqs], [seq.num_tokens for seq in seqs]
         return StepInput(
             is_prefill=False,
             input_ids=[seq.token_ids[-1] for seq in seqs],
             positions=[seq.num_tokens - 1 for seq in seqs],
             slot_mapping=[_slots(seq, seq.num_tokens - 1, seq.num_tokens, block_size)[0] for seq in seqs],
-            block_tables=[seq.block_table for seq in seqs],
-            context_lens=[seq.num_tokens for seq in seqs],
-            logits_indices=list(range(len(seqs))))
+            block_tables=block_tables,
+            context_lens=context_lens,
+            logits_indices=list(range(len(seqs))),
+            cascade=plan_cascade(block_tables, context_lens, block_size, cascade) if cascade else None)
     step = StepInput(is_prefill=True, input_ids=[], positions=[], slot_mapping=[], block_tables=None,
                      cu_seqlens_q=[0], cu_seqlens_k=[0])
     for seq in seqs:
@@ -129,13 +135,43 @@ def upload_ints(device: torch.device, *arrays: list[int]) -> list[torch.Tensor]:
 
 
 def padded_tables(tables: list[list[int]]) -> list[int]:
-    """Block tables as one flat row-major list, rows padded with block 0 (never read)."""
-    width = max(len(t) for t in tables)
+    """Block tables as one flat row-major list, rows padded with block 0 (never read); at least one column."""
+    width = max(1, max(len(t) for t in tables))
     return [b for t in tables for b in (t + [0] * (width - len(t)))]
+
+
+def _cascade_lists(step: StepInput) -> list[list[int]]:
+    """`step.cascade` as the host lists of CascadeMetadata's tensors, in its field order (tables flat)."""
+    plan, tables = step.cascade, step.block_tables
+    seq_prefix_blocks = [0] * len(tables)
+    for group in plan.groups:
+        for row in group.rows:
+            seq_prefix_blocks[row] = group.num_prefix_blocks
+    cu_group_rows = [0]
+    for group in plan.groups:
+        cu_group_rows.append(cu_group_rows[-1] + len(group.rows))
+    seq_prefix_lens = [k * plan.block_size for k in seq_prefix_blocks]
+    return [padded_tables([tables[g.rows[0]][:g.num_prefix_blocks] for g in plan.groups]),
+            [g.num_prefix_blocks * plan.block_size for g in plan.groups],
+            [row for g in plan.groups for row in g.rows],
+            cu_group_rows,
+            seq_prefix_lens,
+            padded_tables([t[k:] for t, k in zip(tables, seq_prefix_blocks)]),
+            [n - p for n, p in zip(step.context_lens, seq_prefix_lens)]]
 
 
 def eager_inputs(step: StepInput, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata]:
     """(input_ids, positions, attention metadata) of an eager forward, in one upload."""
+    if step.cascade is not None:
+        groups = step.cascade.groups
+        input_ids, positions, slot_mapping, *cascade = upload_ints(
+            device, step.input_ids, step.positions, step.slot_mapping, *_cascade_lists(step))
+        cascade = [t.int() for t in cascade]
+        cascade[0], cascade[5] = cascade[0].view(len(groups), -1), cascade[5].view(step.num_tokens, -1)
+        meta = AttentionMetadata(is_prefill=False, slot_mapping=slot_mapping.int(), cascade=CascadeMetadata(
+            *cascade, num_groups=len(groups), max_group_size=max(len(g.rows) for g in groups),
+            max_prefix_len=max(g.num_prefix_blocks for g in groups) * step.cascade.block_size))
+        return input_ids, positions, meta
     lengths = (step.cu_seqlens_q, step.cu_seqlens_k) if step.is_prefill else (step.context_lens,)
     tables = padded_tables(step.block_tables) if step.block_tables else []
     input_ids, positions, slot_mapping, flat_tables, *lens = upload_ints(

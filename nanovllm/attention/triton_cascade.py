@@ -1,0 +1,194 @@
+"""Cascade (shared-prefix) decode attention in Triton: keys that a group of sequences shares are read once
+per group, each sequence's own keys once, and the two partial results are merged by log-sum-exp.
+
+Inputs are those of `AttentionMetadata.cascade` (CascadeMetadata). Three launches:
+- prefix pass, one program per (kv head, row tile of a group, split of the prefix): the query rows of a
+  tile are (sequence of the group, query head of the kv head) pairs, BLOCK_M of them (so a tl.dot tile of
+  SEQS_PER_TILE sequences x GROUP heads), attending the group's prefix keys through its prefix block
+  table, flash-attention style (float32 online softmax, base 2). The shared K/V tile is loaded once for
+  all those rows instead of once per sequence. Each group's prefix is cut into the same number of splits;
+- suffix pass: triton_decode's `_decode_kernel` on the suffix block tables and lengths (each row's keys
+  after its group's prefix, or all of them for a row in no group), always writing per-split partials;
+- merge, one program per (sequence, query head): the prefix partials (none for a row in no group) and the
+  suffix partials, weighted by exp2(lse - max), as triton_decode's split merge.
+Grids follow the groups (host ints of CascadeMetadata): cascade steps run eagerly, never in a CUDA graph.
+FP8 caches are dequantized in registers as in triton_decode.
+"""
+import torch
+import triton
+import triton.language as tl
+
+from nanovllm.attention.kv_store import FP8_DTYPE
+from nanovllm.attention.metadata import CascadeMetadata
+from nanovllm.attention.triton_decode import (DECODE_CONFIGS, FP8_DECODE_CONFIGS, LOG2E, MIN_GROUP_ROWS,
+                                              SPLIT_PROGRAMS_PER_SM, _decode_kernel, cache_rows,
+                                              check_attention_inputs, decode_splits, dot_precision, num_sms)
+
+# Prefix pass tunables per head_dim: BLOCK_M (query rows per program), BLOCK_N (keys per tile), num_warps,
+# num_stages (scripts/bench_cascade.py times them).
+PREFIX_CONFIGS = {64: (64, 64, 4, 3), 128: (64, 64, 4, 3), 256: (64, 32, 8, 2)}
+FP8_PREFIX_CONFIGS = {64: (64, 32, 4, 3), 128: (64, 32, 4, 3), 256: (64, 32, 8, 2)}
+
+
+@triton.jit(do_not_specialize=["table_stride", "tiles_per_group"])
+def _prefix_kernel(q_ptr, q_stride_s, q_stride_h, k_cache_ptr, v_cache_ptr, k_scales_ptr, v_scales_ptr,
+                   prefix_tables_ptr, table_stride, prefix_lens_ptr, group_rows_ptr, cu_group_rows_ptr,
+                   part_out_ptr, part_lse_ptr, qk_scale, tiles_per_group, KV_HEADS: tl.constexpr,
+                   GROUP: tl.constexpr, SEQS_PER_TILE: tl.constexpr, HEAD_DIM: tl.constexpr, PAGE: tl.constexpr,
+                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, FP8: tl.constexpr, FP16_DOT: tl.constexpr,
+                   PRECISION: tl.constexpr):
+    kv_head, tile, split = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    num_splits = tl.num_programs(2)
+    group_id = tile // tiles_per_group
+    first = tl.load(cu_group_rows_ptr + group_id) + (tile % tiles_per_group) * SEQS_PER_TILE
+    group_end = tl.load(cu_group_rows_ptr + group_id + 1)
+    if first >= group_end:  # a smaller group than the largest: nothing in this tile
+        return
+    prefix_len = tl.load(prefix_lens_ptr + group_id)
+    split_len = ((prefix_len + BLOCK_N - 1) // BLOCK_N + num_splits - 1) // num_splits * BLOCK_N
+    start = split * split_len
+    end = tl.minimum(start + split_len, prefix_len)  # <= start: an empty split
+
+    i = tl.arange(0, BLOCK_M)
+    d = tl.arange(0, HEAD_DIM)
+    n = tl.arange(0, BLOCK_N)
+    member = i // GROUP  # query row i: head i % GROUP of the tile's member-th sequence
+    heads = kv_head * GROUP + i % GROUP
+    row_ok = (member < SEQS_PER_TILE) & (first + member < group_end)
+    seqs = tl.load(group_rows_ptr + first + member, mask=row_ok, other=0).to(tl.int64)
+    q = tl.load(q_ptr + seqs[:, None] * q_stride_s + heads[:, None] * q_stride_h + d[None, :],
+                mask=row_ok[:, None], other=0.0)  # [BLOCK_M, HEAD_DIM]
+    if FP16_DOT:  # an FP8 cache: e4m3 -> fp16 is one instruction, e4m3 -> bf16 is not
+        q = q.to(tl.float16)
+    m = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
+    table_row = prefix_tables_ptr + group_id.to(tl.int64) * table_stride
+    for key_tile in range(start, end, BLOCK_N):
+        rows = cache_rows(table_row, key_tile, prefix_len, PAGE, BLOCK_N)  # [BLOCK_N]
+        valid = key_tile + n < end
+        offsets = rows[:, None] * (KV_HEADS * HEAD_DIM) + kv_head * HEAD_DIM + d[None, :]
+        k = tl.load(k_cache_ptr + offsets, mask=valid[:, None], other=0.0)  # [BLOCK_N, HEAD_DIM]
+        v = tl.load(v_cache_ptr + offsets, mask=valid[:, None], other=0.0)
+        s = tl.dot(q, tl.trans(k.to(q.dtype)), input_precision=PRECISION)  # [BLOCK_M, BLOCK_N]
+        if FP8:
+            k_scale = tl.load(k_scales_ptr + rows * KV_HEADS + kv_head, mask=valid, other=0.0)
+            s = s * (k_scale * qk_scale)[None, :]
+        else:
+            s = s * qk_scale
+        s = tl.where(valid[None, :], s, float("-inf"))
+        m_new = tl.maximum(m, tl.max(s, axis=1))
+        alpha = tl.exp2(m - m_new)
+        p = tl.exp2(s - m_new[:, None])
+        l = l * alpha + tl.sum(p, axis=1)
+        if FP8:
+            v_scale = tl.load(v_scales_ptr + rows * KV_HEADS + kv_head, mask=valid, other=0.0)
+            p = p * v_scale[None, :]
+        acc = acc * alpha[:, None] + tl.dot(p.to(q.dtype), v.to(q.dtype), input_precision=PRECISION)
+        m = m_new
+
+    out = acc / tl.where(l == 0.0, 1.0, l)[:, None]
+    part = (seqs * (KV_HEADS * GROUP) + heads) * num_splits + split  # workspace [num_seqs, num_heads, splits]
+    tl.store(part_out_ptr + part[:, None] * HEAD_DIM + d[None, :], out, mask=row_ok[:, None])
+    tl.store(part_lse_ptr + part, m + tl.log2(l), mask=row_ok)  # -inf for an empty split
+
+
+@triton.jit
+def _cascade_merge_kernel(prefix_out_ptr, prefix_lse_ptr, num_prefix_splits, suffix_out_ptr, suffix_lse_ptr,
+                          num_suffix_splits, seq_prefix_lens_ptr, out_ptr, NUM_HEADS: tl.constexpr,
+                          PREFIX_PAD: tl.constexpr, SUFFIX_PAD: tl.constexpr, HEAD_DIM: tl.constexpr):
+    row = tl.program_id(0)  # seq * NUM_HEADS + head
+    prefix_len = tl.load(seq_prefix_lens_ptr + row // NUM_HEADS)
+    p = tl.arange(0, PREFIX_PAD)
+    s = tl.arange(0, SUFFIX_PAD)
+    d = tl.arange(0, HEAD_DIM)
+    p_ok = p < tl.where(prefix_len > 0, num_prefix_splits, 0)  # a row in no group has no prefix partials
+    s_ok = s < num_suffix_splits
+    lse_p = tl.load(prefix_lse_ptr + row * num_prefix_splits + p, mask=p_ok, other=float("-inf"))
+    lse_s = tl.load(suffix_lse_ptr + row * num_suffix_splits + s, mask=s_ok, other=float("-inf"))
+    m = tl.maximum(tl.max(lse_p, axis=0), tl.max(lse_s, axis=0))
+    m = tl.where(m == float("-inf"), 0.0, m)  # nothing at all (context 0): zeros
+    w_p = tl.exp2(lse_p - m)
+    w_s = tl.exp2(lse_s - m)
+    parts_p = tl.load(prefix_out_ptr + (row * num_prefix_splits + p)[:, None] * HEAD_DIM + d[None, :],
+                      mask=p_ok[:, None], other=0.0)  # [PREFIX_PAD, HEAD_DIM]
+    parts_s = tl.load(suffix_out_ptr + (row * num_suffix_splits + s)[:, None] * HEAD_DIM + d[None, :],
+                      mask=s_ok[:, None], other=0.0)
+    total = tl.sum(w_p, axis=0) + tl.sum(w_s, axis=0)
+    out = (tl.sum(parts_p * w_p[:, None], axis=0) + tl.sum(parts_s * w_s[:, None], axis=0))
+    out = out / tl.where(total == 0.0, 1.0, total)
+    tl.store(out_ptr + row * HEAD_DIM + d, out.to(out_ptr.dtype.element_ty))
+
+
+def cascade_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, cascade: CascadeMetadata,
+                   scale: float, k_scales: torch.Tensor | None = None, v_scales: torch.Tensor | None = None, *,
+                   out: torch.Tensor | None = None, prefix_splits: int | None = None,
+                   suffix_splits: int | None = None, prefix_config: tuple[int, int, int, int] | None = None
+                   ) -> torch.Tensor:
+    """Attention of one query per sequence over its cached keys, a group's shared prefix read once.
+
+    q [num_seqs, num_heads, head_dim] (any row stride, last dim contiguous); caches and scales as
+    `paged_decode`'s; `cascade` describes the groups, prefixes and suffixes (see CascadeMetadata). Returns
+    [num_seqs, num_heads, head_dim] in q's dtype (into `out`, contiguous, when given). prefix_splits /
+    suffix_splits None: enough programs for the SMs; prefix_config None: PREFIX_CONFIGS[head_dim]
+    (BLOCK_M, BLOCK_N, num_warps, num_stages). Raises ValueError for an unsupported head_dim, dtype or
+    head count."""
+    check_attention_inputs(q, k_cache, v_cache, k_scales, v_scales)
+    num_seqs, num_heads, head_dim = q.shape
+    _, block_size, num_kv_heads, _ = k_cache.shape
+    assert block_size >= 16 and block_size & (block_size - 1) == 0, f"block_size {block_size}"
+    assert k_cache.is_contiguous() and v_cache.is_contiguous()
+    group = num_heads // num_kv_heads
+    fp8 = k_cache.dtype == FP8_DTYPE
+    scales = (k_scales, v_scales) if fp8 else (k_cache, v_cache)  # unused pointers when not FP8
+    device = q.device
+    if out is None:
+        out = torch.empty(num_seqs, num_heads, head_dim, dtype=q.dtype, device=device)
+    assert out.shape == q.shape and out.dtype == q.dtype and out.is_contiguous()
+    if num_seqs == 0:
+        return out
+    fp16_dot, precision = fp8 and q.dtype == torch.bfloat16, dot_precision(q.dtype)
+
+    # suffix pass: the paged decode kernel over each row's keys after its prefix, partials always
+    block_n, num_warps, num_stages = (FP8_DECODE_CONFIGS if fp8 else DECODE_CONFIGS)[head_dim]
+    tables, lens = cascade.suffix_block_tables, cascade.suffix_lens
+    assert tables.stride(1) == 1 and tables.shape[0] == num_seqs == lens.shape[0]
+    max_tiles = max(1, triton.cdiv(tables.shape[1] * block_size, block_n))
+    if suffix_splits is None:
+        suffix_splits, tiles_per_split = decode_splits(num_seqs, num_kv_heads, tables.shape[1] * block_size,
+                                                       device, block_n)
+    else:
+        tiles_per_split = triton.cdiv(max_tiles, suffix_splits)
+        suffix_splits = triton.cdiv(max_tiles, tiles_per_split)
+    suffix_out = torch.empty(num_seqs, num_heads, suffix_splits, head_dim, dtype=torch.float32, device=device)
+    suffix_lse = torch.empty(num_seqs, num_heads, suffix_splits, dtype=torch.float32, device=device)
+    _decode_kernel[(num_kv_heads, num_seqs, suffix_splits)](
+        q, q.stride(0), q.stride(1), k_cache, v_cache, *scales, tables, tables.stride(0), lens, out, suffix_out,
+        suffix_lse, scale * LOG2E, tiles_per_split * block_n, num_kv_heads, group,
+        max(MIN_GROUP_ROWS, triton.next_power_of_2(group)), head_dim, block_size, block_n, True, fp8, fp16_dot,
+        precision, num_warps=num_warps, num_stages=num_stages)
+
+    # prefix pass: each group's shared keys once per tile of its rows
+    block_m, block_n, num_warps, num_stages = prefix_config or (FP8_PREFIX_CONFIGS if fp8 else PREFIX_CONFIGS)[
+        head_dim]
+    block_m = max(block_m, triton.next_power_of_2(group))
+    seqs_per_tile = block_m // group
+    tiles_per_group = triton.cdiv(cascade.max_group_size, seqs_per_tile)
+    programs = num_kv_heads * cascade.num_groups * tiles_per_group
+    if prefix_splits is None:
+        prefix_splits = max(1, triton.cdiv(SPLIT_PROGRAMS_PER_SM * num_sms(device), programs))
+    prefix_splits = min(prefix_splits, max(1, triton.cdiv(cascade.max_prefix_len, block_n)))
+    prefix_out = torch.empty(num_seqs, num_heads, prefix_splits, head_dim, dtype=torch.float32, device=device)
+    prefix_lse = torch.empty(num_seqs, num_heads, prefix_splits, dtype=torch.float32, device=device)
+    prefix_tables = cascade.prefix_block_tables
+    assert prefix_tables.stride(1) == 1 and prefix_tables.shape[0] == cascade.num_groups
+    _prefix_kernel[(num_kv_heads, cascade.num_groups * tiles_per_group, prefix_splits)](
+        q, q.stride(0), q.stride(1), k_cache, v_cache, *scales, prefix_tables, prefix_tables.stride(0),
+        cascade.prefix_lens, cascade.group_rows, cascade.cu_group_rows, prefix_out, prefix_lse, scale * LOG2E,
+        tiles_per_group, num_kv_heads, group, seqs_per_tile, head_dim, block_size, block_m, block_n, fp8,
+        fp16_dot, precision, num_warps=num_warps, num_stages=num_stages)
+
+    _cascade_merge_kernel[(num_seqs * num_heads,)](
+        prefix_out, prefix_lse, prefix_splits, suffix_out, suffix_lse, suffix_splits, cascade.seq_prefix_lens, out,
+        num_heads, triton.next_power_of_2(prefix_splits), triton.next_power_of_2(suffix_splits), head_dim)
+    return out

@@ -1,0 +1,124 @@
+"""Cascade (shared-prefix) attention for a decode step: which sequences share KV blocks, and whether
+reading those blocks once per group pays.
+
+Sequences share physical KV blocks through the prefix cache (one system prompt, `n` samples of a
+prompt, beam search). `plan_cascade` finds, from the step's block tables alone, groups of rows whose
+tables start with the same run of block ids, and the length of that run. Only whole blocks count and a
+group's prefix never exceeds a member's context, so the prefix is `num_prefix_blocks * block_size` keys
+every member holds. Attention then reads a group's prefix once for all its rows and each row's own
+keys after it, and merges the two by log-sum-exp: exact, the plain step's result.
+
+Grouping: rows are partitioned by their first block, then recursively by the block where their common
+run ends (a trie over the block tables, built on demand); each node either becomes one group with the
+run shared by all its rows, or leaves the choice to its children, whichever saves more key reads.
+Saved reads of a group: prefix_len * (group size - 1) keys. The cost rule (`CascadePolicy`): a group
+must save `min_group_saved_tokens` (the extra pass over its prefix and the merge are not free), the
+step `min_step_saved_tokens` (cascade steps run eagerly, so when the plain step would replay a CUDA
+graph the saving must outweigh the launch overhead: see worker/cuda_graph.py).
+Cost: O(rows) dict operations per trie level plus binary searches of list-slice comparisons; a batch
+with no two rows on the same first block returns after one pass.
+"""
+from dataclasses import dataclass
+from typing import NamedTuple
+
+from nanovllm.attention import backend_class
+from nanovllm.config import Config
+
+MIN_GROUP_SAVED_BLOCKS = 4  # a group must save at least this many blocks' worth of key reads
+# A step that would otherwise replay a CUDA graph runs eagerly for cascade: it must save at least this
+# many tokens of K/V reads (Qwen3-0.6B: 112 KiB per token over its layers, ~15 GB: ~3.5 ms at H200
+# bandwidth) to be worth the eager launches (a few ms per step for a 28-layer model).
+MIN_STEP_SAVED_TOKENS_VS_GRAPH = 131072
+MAX_TRIE_DEPTH = 64  # branch points followed below a first block (bounds the recursion on odd batches)
+
+
+class CascadeGroup(NamedTuple):
+    rows: list[int]          # rows of the step (ascending) whose block tables start with the same blocks
+    num_prefix_blocks: int   # how many leading blocks they share
+
+
+@dataclass(frozen=True)
+class CascadePlan:
+    """A decode step's shared-prefix groups (at least one); rows in no group attend as usual."""
+    groups: list[CascadeGroup]
+    block_size: int
+
+    @property
+    def saved_blocks(self) -> int:
+        """Blocks of K/V reads (per layer) that the plan saves over the plain step."""
+        return sum(g.num_prefix_blocks * (len(g.rows) - 1) for g in self.groups)
+
+
+@dataclass(frozen=True)
+class CascadePolicy:
+    """The cost rule; thresholds in tokens of K/V reads saved (per layer)."""
+    min_group_saved_tokens: int
+    min_step_saved_tokens: int
+
+
+def cascade_policy(config: Config) -> CascadePolicy | None:
+    """The engine's rule; None when `enable_cascade_attention` is off or the backend has no cascade path."""
+    if not config.enable_cascade_attention or not backend_class(config.attention_backend).supports_cascade:
+        return None
+    graphs = config.device_type == "cuda" and not config.enforce_eager
+    return CascadePolicy(MIN_GROUP_SAVED_BLOCKS * config.block_size,
+                         MIN_STEP_SAVED_TOKENS_VS_GRAPH if graphs else 0)
+
+
+def _common_blocks(tables: list[list[int]], rows: list[int], start: int, limit: int) -> int:
+    """The length (>= start, <= limit) of the run of blocks all `rows` share, knowing they share [0, start)."""
+    ref = tables[rows[0]]
+    lo, hi = start, limit  # invariant: the rows share [0, lo)
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        head = ref[lo:mid]
+        if all(tables[r][lo:mid] == head for r in rows[1:]):
+            lo = mid
+        else:
+            hi = mid - 1
+    return lo
+
+
+def _best_groups(tables: list[list[int]], caps: list[int], rows: list[int], shared: int,
+                 min_saved_blocks: float, depth: int = 0) -> tuple[int, list[CascadeGroup]]:
+    """(saved blocks, groups) of the best partition of `rows`, which share their first `shared` blocks."""
+    limit = min(caps[r] for r in rows)
+    shared = _common_blocks(tables, rows, shared, limit)
+    here = shared * (len(rows) - 1)
+    best = (here, [CascadeGroup(sorted(rows), shared)]) if here >= min_saved_blocks else (0, [])
+    if depth == MAX_TRIE_DEPTH:
+        return best
+    if shared == limit:  # some row has no block to branch on
+        rows = [r for r in rows if caps[r] > shared]
+    buckets: dict[int, list[int]] = {}
+    for r in rows:
+        buckets.setdefault(tables[r][shared], []).append(r)
+    below, groups = 0, []
+    for bucket in buckets.values():
+        if len(bucket) > 1:
+            saved, sub = _best_groups(tables, caps, bucket, shared + 1, min_saved_blocks, depth + 1)
+            below += saved
+            groups += sub
+    return (below, groups) if below > best[0] else best
+
+
+def plan_cascade(block_tables: list[list[int]], context_lens: list[int], block_size: int,
+                 policy: CascadePolicy) -> CascadePlan | None:
+    """The shared-prefix groups of a decode step that pass `policy`; None when none does (plain step)."""
+    firsts = {t[0] for t in block_tables if t}
+    if len(firsts) == len(block_tables):  # no two rows on one first block: the common case, decided fast
+        return None
+    caps = [min(len(t), n // block_size) for t, n in zip(block_tables, context_lens)]  # whole blocks of keys
+    by_first: dict[int, list[int]] = {}
+    for row, table in enumerate(block_tables):
+        if caps[row]:
+            by_first.setdefault(table[0], []).append(row)
+    min_saved_blocks = policy.min_group_saved_tokens / block_size
+    groups = []
+    for rows in by_first.values():
+        if len(rows) > 1:
+            groups += _best_groups(block_tables, caps, rows, 1, min_saved_blocks)[1]
+    plan = CascadePlan(sorted(groups), block_size)
+    if not groups or plan.saved_blocks * block_size < policy.min_step_saved_tokens:
+        return None
+    return plan

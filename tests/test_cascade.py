@@ -1,0 +1,205 @@
+"""Cascade (shared-prefix) decode attention: the grouping and cost rule (worker/cascade.py) exactly, the
+step's cascade metadata, the torch backend and the Triton kernels against the plain decode reference
+(the kernels under Triton's interpreter; compiled on a GPU), and end to end: greedy tokens with cascade on
+equal those with it off, on the CPU (torch backend) and on a GPU (Triton backend, eager and with graphs)."""
+import random
+
+import pytest
+import torch
+
+import nanovllm.worker.cascade as cascade_module
+import nanovllm.worker.inputs as inputs_module
+from fixtures.checkpoints import ENGINE_ARGS
+from kernel_checks import run_interpreted
+from kernel_checks.attention import decode_reference
+from kernel_checks.cascade import cascade_case
+from nanovllm import LLM, SamplingParams
+from nanovllm.attention import AttentionMetadata
+from nanovllm.attention.torch_backend import TorchBackend
+from nanovllm.worker.cascade import CascadeGroup, CascadePolicy, plan_cascade
+from nanovllm.worker.inputs import StepInput, eager_inputs
+
+gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+ANY = CascadePolicy(min_group_saved_tokens=0, min_step_saved_tokens=0)  # every shared block counts
+
+
+# ---------------------------------------------------------------- grouping and the cost rule
+
+def test_groups_by_shared_leading_blocks_rows_anywhere_in_the_batch():
+    tables = [[1, 2, 3, 40], [7, 8, 50], [1, 2, 3, 41, 42], [9], [7, 8, 51], [1, 2, 3, 43]]
+    lens = [61, 40, 70, 10, 33, 50]  # block 4: whole blocks of keys per row 15, 10, 17, 2, 8, 12
+    plan = plan_cascade(tables, lens, 4, ANY)
+    assert plan.groups == [CascadeGroup([0, 2, 5], 3), CascadeGroup([1, 4], 2)]
+    assert plan.saved_blocks == 3 * 2 + 2 * 1 and plan.block_size == 4
+
+
+def test_no_sharing_or_less_than_a_block_is_a_plain_step():
+    assert plan_cascade([[1, 2], [3, 4], [5]], [8, 8, 3], 4, ANY) is None
+    # rows 0 and 1 share block 1, but row 1 holds only 3 keys: not a whole block of its context
+    assert plan_cascade([[1, 2], [1]], [8, 3], 4, ANY) is None
+
+
+def test_prefix_capped_by_the_shortest_context_in_the_group():
+    # both tables start 1, 2, 3 but row 1 has 9 keys: two whole blocks
+    assert plan_cascade([[1, 2, 3, 4], [1, 2, 3]], [16, 9], 4, ANY).groups == [CascadeGroup([0, 1], 2)]
+
+
+def test_nested_sharing_picks_the_partition_that_saves_most():
+    system = [1, 2]
+    # two prompts behind one system prompt, three samples each: groups per prompt save (2+3) x 2 x 2 = 20
+    # blocks; one group of all six on the system prompt saves 2 x 5 = 10
+    tables = [system + [10, 11, 12, 100 + i] for i in range(3)] + [system + [20, 21, 22, 200 + i] for i in range(3)]
+    plan = plan_cascade(tables, [24] * 6, 4, ANY)
+    assert plan.groups == [CascadeGroup([0, 1, 2], 5), CascadeGroup([3, 4, 5], 5)]
+    # many prompts with one sample each: the system prompt shared by all is the better choice
+    tables = [system + [10 + i, 50 + i] for i in range(6)] + [system + [10, 11, 12], system + [10, 11, 13]]
+    plan = plan_cascade(tables, [16] * 8, 4, ANY)
+    assert plan.groups == [CascadeGroup(list(range(8)), 2)]
+
+
+def test_cost_rule_thresholds():
+    tables = [[1, 2, 9], [1, 2, 8], [5, 6, 7, 3], [5, 6, 7, 4], [5, 6, 7, 2]]
+    lens = [12, 12, 16, 16, 16]
+    # group (0, 1) saves 2 blocks = 8 tokens, group (2, 3, 4) saves 3 x 2 = 6 blocks = 24 tokens
+    assert plan_cascade(tables, lens, 4, CascadePolicy(9, 0)).groups == [CascadeGroup([2, 3, 4], 3)]
+    assert len(plan_cascade(tables, lens, 4, CascadePolicy(8, 32)).groups) == 2  # 32 saved tokens in all
+    assert plan_cascade(tables, lens, 4, CascadePolicy(8, 33)) is None
+
+
+def test_policy_follows_config_and_backend(qwen3_tied):
+    from nanovllm.config import Config
+    from nanovllm.worker.cascade import cascade_policy
+    policy = cascade_policy(Config(qwen3_tied, **ENGINE_ARGS))
+    assert policy == CascadePolicy(cascade_module.MIN_GROUP_SAVED_BLOCKS * 16, 0)  # CPU: no graphs to lose
+    assert cascade_policy(Config(qwen3_tied, enable_cascade_attention=False, **ENGINE_ARGS)) is None
+    with pytest.raises(ValueError, match="enable_cascade_attention must be a bool, got 'yes'"):
+        Config(qwen3_tied, enable_cascade_attention="yes", **ENGINE_ARGS)
+
+
+def test_step_cascade_metadata():
+    tables = [[7, 1, 2], [3, 4], [7, 1, 5, 6]]
+    step = StepInput(is_prefill=False, input_ids=[1, 2, 3], positions=[9, 5, 13], slot_mapping=[10, 11, 12],
+                     block_tables=tables, context_lens=[10, 6, 14], logits_indices=[0, 1, 2],
+                     cascade=plan_cascade(tables, [10, 6, 14], 4, ANY))
+    _, _, meta = eager_inputs(step, torch.device("cpu"))
+    c = meta.cascade
+    assert meta.block_tables is None and meta.context_lens is None
+    assert c.prefix_block_tables.tolist() == [[7, 1]] and c.prefix_lens.tolist() == [8]
+    assert c.group_rows.tolist() == [0, 2] and c.cu_group_rows.tolist() == [0, 2]
+    assert c.seq_prefix_lens.tolist() == [8, 0, 8] and c.suffix_lens.tolist() == [2, 6, 6]
+    assert c.suffix_block_tables.tolist() == [[2, 0], [3, 4], [5, 6]]
+    assert (c.num_groups, c.max_group_size, c.max_prefix_len) == (1, 2, 8)
+
+
+# ---------------------------------------------------------------- attention against the plain reference
+
+@pytest.mark.parametrize("dtype, group", [(torch.float32, 2), (torch.bfloat16, 3)])
+def test_torch_backend_cascade_equals_plain_decode(dtype, group):
+    q, k_cache, v_cache, _, _, meta, full, lens = cascade_case("cpu", 16, 64, group, dtype, dtype)
+    # the torch backend reads padded rows, masked (the engine's CPU cache is zeroed): no NaN there
+    k_cache, v_cache = k_cache.nan_to_num(0.0), v_cache.nan_to_num(0.0)
+    ref = decode_reference(q, k_cache, v_cache, full, lens, 0.125)
+    from nanovllm.attention import LayerKVCache
+    out = TorchBackend().forward(q, None, None, LayerKVCache(k_cache, v_cache),
+                                 AttentionMetadata(is_prefill=False, slot_mapping=None, cascade=meta), 0.125)
+    err = ((out.float() - ref).norm() / ref.norm()).item()
+    assert err < (1e-5 if dtype == torch.float32 else 1e-2), err
+
+
+def test_cascade_kernels_interpreted():
+    # prefix_config BLOCK_M 16: groups of 10 rows span two row tiles; BLOCK_N 32 spans two 16-token pages
+    run_interpreted("cascade", block_sizes=[16, 64], head_dims=[64, 128], groups=[1, 2, 3],
+                    prefix_config=[16, 32, 4, 1])
+
+
+@pytest.mark.gpu
+@gpu
+def test_cascade_kernels_gpu():
+    from kernel_checks.cascade import check
+    check("cuda", block_sizes=(16, 32, 256), head_dims=(64, 128, 256), groups=(1, 2, 4, 8, 7),
+          query_dtypes=("float16", "float32"))
+
+
+# ---------------------------------------------------------------- end to end
+
+def _workload(seed: int = 0, scale: int = 1):
+    """Prompts behind shared prefixes of several lengths (whole blocks and not, shorter than a block;
+    `scale` times longer), interleaved with unrelated prompts, and max_tokens that end sequences at
+    different steps."""
+    rng = random.Random(seed)
+    words = lambda n: [rng.randint(10, 3000) for _ in range(n)]  # noqa: E731
+    prefixes = [words(70 * scale), words(48 * scale), words(9), words(33 * scale)]  # 4.4, 3, 0.6, 2.1 blocks
+    prompts = [prefixes[i % 4] + words(rng.randint(1, 40)) for i in range(14)] + [words(25), words(60)]
+    rng.shuffle(prompts)
+    params = [SamplingParams(temperature=0, ignore_eos=True, max_tokens=rng.randint(6, 30)) for _ in prompts]
+    return prompts, params
+
+
+def _generate(path, prompts, params, **options) -> list[list[list[int]]]:
+    llm = LLM(path, **{**ENGINE_ARGS, **options})
+    try:
+        outputs = llm.generate([dict(prompt_token_ids=p) for p in prompts], params, use_tqdm=False)
+        return [[c.token_ids for c in o.outputs] for o in outputs], llm.llm_engine.scheduler.num_preemptions
+    finally:
+        llm.shutdown()
+
+
+@pytest.fixture
+def cascade_plans(monkeypatch) -> list:
+    """The plans of every decode step (None: a plain step)."""
+    plans = []
+
+    def recording(*args):
+        plans.append(cascade_module.plan_cascade(*args))
+        return plans[-1]
+    monkeypatch.setattr(inputs_module, "plan_cascade", recording)
+    return plans
+
+
+@pytest.mark.parametrize("options", [dict(), dict(num_gpu_blocks_override=24, max_model_len=384)],
+                         ids=["roomy", "preempting"])
+def test_cpu_engine_same_tokens_with_and_without_cascade(qwen3_tied, cascade_plans, options):
+    prompts, params = _workload()
+    on, preempted = _generate(qwen3_tied, prompts, params, **options)
+    used = [p for p in cascade_plans if p is not None]
+    assert used, "cascade never ran"
+    if options:
+        assert preempted > 0
+    else:
+        assert any(len({g.num_prefix_blocks for g in p.groups}) > 1 for p in used), "no step had two prefixes"
+    cascade_plans.clear()
+    off, _ = _generate(qwen3_tied, prompts, params, enable_cascade_attention=False, **options)
+    assert not cascade_plans
+    assert on == off
+
+
+def test_cpu_engine_n_samples_share_their_prompt(qwen3_tied, cascade_plans):
+    rng = random.Random(1)
+    prompts = [[rng.randint(10, 3000) for _ in range(n)] for n in (50, 90, 20)]
+    params = SamplingParams(n=4, temperature=0.8, seed=5, max_tokens=12, ignore_eos=True)
+    on, _ = _generate(qwen3_tied, prompts, params)
+    assert any(p is not None and max(len(g.rows) for g in p.groups) >= 4 for p in cascade_plans)
+    off, _ = _generate(qwen3_tied, prompts, params, enable_cascade_attention=False)
+    assert on == off
+
+
+@pytest.mark.gpu
+@gpu
+@pytest.mark.parametrize("eager", [True, False])
+def test_gpu_engine_same_tokens_with_and_without_cascade(tmp_path, monkeypatch, cascade_plans, eager):
+    """Triton backend, bf16: eager steps, or CUDA graphs with cascade steps (forced by a zero step
+    threshold) run eagerly between graph replays."""
+    from fixtures.checkpoints import write_tiny_qwen3
+    from test_gpu import assert_greedy_close
+    path = write_tiny_qwen3(tmp_path, num_hidden_layers=4, hidden_size=512, num_attention_heads=8,
+                            num_key_value_heads=4, head_dim=128, intermediate_size=1024, dtype=torch.bfloat16, seed=3)
+    monkeypatch.setattr(cascade_module, "MIN_STEP_SAVED_TOKENS_VS_GRAPH", 0)
+    prompts, params = _workload(scale=8)
+    options = dict(attention_backend="triton", dtype="bfloat16", enforce_eager=eager, device="cuda",
+                   cpu_kvcache_space_gib=1.0, max_model_len=2048)
+    on, _ = _generate(path, prompts, params, **options)
+    assert any(p is not None for p in cascade_plans)
+    off, _ = _generate(path, prompts, params, enable_cascade_attention=False, **options)
+    from transformers import AutoModelForCausalLM
+    hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).cuda().eval()
+    assert_greedy_close(hf, prompts, [o[0] for o in on], [o[0] for o in off])
