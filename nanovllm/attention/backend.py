@@ -57,14 +57,14 @@ def backend_class(name: str) -> type[AttentionBackend]:
 
 
 def resolve_attention_backend(name: str, spec: CacheSpec) -> tuple[type[AttentionBackend], int]:
-    """(backend class, block size) for `name` ("auto": flash-attn where it can serve, else Triton on
-    CUDA; torch on the CPU). ValueError naming the value when `name` is unknown or the backend
+    """(backend class, block size) for `name` ("auto": Triton on CUDA, flash-attn where Triton
+    cannot serve; torch on the CPU). ValueError naming the value when `name` is unknown or the backend
     cannot serve `spec`."""
     classes = _backend_classes()
     if name not in ATTENTION_BACKENDS:
         raise ValueError(f"attention_backend must be one of {ATTENTION_BACKENDS}, got {name!r}.")
     if name == "auto":
-        candidates = ("flash_attn", "triton") if spec.device_type == "cuda" else ("torch",)
+        candidates = ("triton", "flash_attn") if spec.device_type == "cuda" else ("torch",)
         name = next((n for n in candidates if classes[n].unsupported(spec) is None), candidates[-1])
     cls = classes[name]
     reason = cls.unsupported(spec)
