@@ -64,6 +64,7 @@ def test_cost_rule_thresholds():
     assert plan_cascade(tables, lens, 4, CascadePolicy(9, 0)).groups == [CascadeGroup([2, 3, 4], 3)]
     assert len(plan_cascade(tables, lens, 4, CascadePolicy(8, 32)).groups) == 2  # 32 saved tokens in all
     assert plan_cascade(tables, lens, 4, CascadePolicy(8, 33)) is None
+    assert plan_cascade(tables, lens, 4, CascadePolicy(0, 0, min_group_rows=4)) is None  # groups of 2 and 3
 
 
 def test_policy_follows_config_and_backend(qwen3_tied):
@@ -194,6 +195,7 @@ def test_gpu_engine_same_tokens_with_and_without_cascade(tmp_path, monkeypatch, 
     path = write_tiny_qwen3(tmp_path, num_hidden_layers=4, hidden_size=512, num_attention_heads=8,
                             num_key_value_heads=4, head_dim=128, intermediate_size=1024, dtype=torch.bfloat16, seed=3)
     monkeypatch.setattr(cascade_module, "MIN_STEP_SAVED_TOKENS_VS_GRAPH", 0)
+    monkeypatch.setattr(cascade_module, "MIN_GROUP_ROWS_CUDA", 2)
     prompts, params = _workload(scale=8)
     options = dict(attention_backend="triton", dtype="bfloat16", enforce_eager=eager, device="cuda",
                    cpu_kvcache_space_gib=1.0, max_model_len=2048)

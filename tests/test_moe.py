@@ -218,14 +218,17 @@ GPU_MOE = {  # head_dim 128 (flash-attn); 32 experts, top-4, so that decode batc
 @pytest.mark.parametrize("architecture", sorted(GPU_MOE))
 def test_gpu_greedy_close_to_transformers(architecture, tmp_path):
     """bf16 on the GPU (Triton experts), CUDA graphs and eager, tp=2 when two GPUs are visible:
-    greedy tokens no further from transformers' float32 argmax than its own bf16 run strays."""
+    greedy tokens no further from transformers' float32 argmax than its own bf16 run strays. Weights
+    of std 0.05, not the fixtures' 0.2: with 0.2 the hidden states grow ~250x in the first layer and
+    transformers' own bf16 run strays 0.74 from float32 (Qwen2-MoE, H200), a yardstick too loose."""
     from test_gpu import GREEDY as GPU_GREEDY, assert_greedy_close, hf_greedy as hf_greedy_gpu, worst_relative_gap
     from test_gpu import prompts as gpu_prompts
 
     path = write_tiny_decoder(tmp_path, architecture, seed=7, vocab_size=32000, hidden_size=512,
                               num_attention_heads=8, num_key_value_heads=4, num_hidden_layers=4,
                               intermediate_size=1024, moe_intermediate_size=256, num_experts=32,
-                              num_experts_per_tok=4, max_position_embeddings=2048, **GPU_MOE[architecture])
+                              num_experts_per_tok=4, max_position_embeddings=2048, init_std=0.05,
+                              **GPU_MOE[architecture])
     hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).cuda().eval()
     unique = [[t % 32000 for t in p[:300]] for p in gpu_prompts()]
     batch = unique * 3  # decode batches of 12: more experts hit per step

@@ -14,7 +14,9 @@ run shared by all its rows, or leaves the choice to its children, whichever save
 Saved reads of a group: prefix_len * (group size - 1) keys. The cost rule (`CascadePolicy`): a group
 must save `min_group_saved_tokens` (the extra pass over its prefix and the merge are not free), the
 step `min_step_saved_tokens` (cascade steps run eagerly, so when the plain step would replay a CUDA
-graph the saving must outweigh the launch overhead: see worker/cuda_graph.py).
+graph the saving must outweigh the launch overhead: see worker/cuda_graph.py), and on CUDA a group
+must have `min_group_rows` rows: the plain kernel runs a small group's rows together, so their shared
+blocks come from L2 after the first read and cascade saves little HBM traffic (docs/CASCADE.md).
 Cost: O(rows) dict operations per trie level plus binary searches of list-slice comparisons; a batch
 with no two rows on the same first block returns after one pass.
 """
@@ -29,6 +31,9 @@ MIN_GROUP_SAVED_BLOCKS = 4  # a group must save at least this many blocks' worth
 # many tokens of K/V reads (Qwen3-0.6B: 112 KiB per token over its layers, ~15 GB: ~3.5 ms at H200
 # bandwidth) to be worth the eager launches (a few ms per step for a 28-layer model).
 MIN_STEP_SAVED_TOKENS_VS_GRAPH = 131072
+# On an H200 (bench.py --workload): groups of 16 rows (n-samples) ran 0.62x the plain step's speed with
+# cascade, one group of 512 rows (shared-prefix) 1.27x. Groups smaller than this stay on the plain path.
+MIN_GROUP_ROWS_CUDA = 64
 MAX_TRIE_DEPTH = 64  # branch points followed below a first block (bounds the recursion on odd batches)
 
 
@@ -54,6 +59,7 @@ class CascadePolicy:
     """The cost rule; thresholds in tokens of K/V reads saved (per layer)."""
     min_group_saved_tokens: int
     min_step_saved_tokens: int
+    min_group_rows: int = 2
 
 
 def cascade_policy(config: Config) -> CascadePolicy | None:
@@ -62,7 +68,8 @@ def cascade_policy(config: Config) -> CascadePolicy | None:
         return None
     graphs = config.device_type == "cuda" and not config.enforce_eager
     return CascadePolicy(MIN_GROUP_SAVED_BLOCKS * config.block_size,
-                         MIN_STEP_SAVED_TOKENS_VS_GRAPH if graphs else 0)
+                         MIN_STEP_SAVED_TOKENS_VS_GRAPH if graphs else 0,
+                         MIN_GROUP_ROWS_CUDA if config.device_type == "cuda" else 2)
 
 
 def _common_blocks(tables: list[list[int]], rows: list[int], start: int, limit: int) -> int:
@@ -80,12 +87,13 @@ def _common_blocks(tables: list[list[int]], rows: list[int], start: int, limit: 
 
 
 def _best_groups(tables: list[list[int]], caps: list[int], rows: list[int], shared: int,
-                 min_saved_blocks: float, depth: int = 0) -> tuple[int, list[CascadeGroup]]:
+                 min_saved_blocks: float, min_rows: int, depth: int = 0) -> tuple[int, list[CascadeGroup]]:
     """(saved blocks, groups) of the best partition of `rows`, which share their first `shared` blocks."""
     limit = min(caps[r] for r in rows)
     shared = _common_blocks(tables, rows, shared, limit)
     here = shared * (len(rows) - 1)
-    best = (here, [CascadeGroup(sorted(rows), shared)]) if here >= min_saved_blocks else (0, [])
+    qualifies = here >= min_saved_blocks and len(rows) >= min_rows
+    best = (here, [CascadeGroup(sorted(rows), shared)]) if qualifies else (0, [])
     if depth == MAX_TRIE_DEPTH:
         return best
     if shared == limit:  # some row has no block to branch on
@@ -95,8 +103,8 @@ def _best_groups(tables: list[list[int]], caps: list[int], rows: list[int], shar
         buckets.setdefault(tables[r][shared], []).append(r)
     below, groups = 0, []
     for bucket in buckets.values():
-        if len(bucket) > 1:
-            saved, sub = _best_groups(tables, caps, bucket, shared + 1, min_saved_blocks, depth + 1)
+        if len(bucket) >= max(2, min_rows):
+            saved, sub = _best_groups(tables, caps, bucket, shared + 1, min_saved_blocks, min_rows, depth + 1)
             below += saved
             groups += sub
     return (below, groups) if below > best[0] else best
@@ -116,8 +124,8 @@ def plan_cascade(block_tables: list[list[int]], context_lens: list[int], block_s
     min_saved_blocks = policy.min_group_saved_tokens / block_size
     groups = []
     for rows in by_first.values():
-        if len(rows) > 1:
-            groups += _best_groups(block_tables, caps, rows, 1, min_saved_blocks)[1]
+        if len(rows) >= max(2, policy.min_group_rows):
+            groups += _best_groups(block_tables, caps, rows, 1, min_saved_blocks, policy.min_group_rows)[1]
     plan = CascadePlan(sorted(groups), block_size)
     if not groups or plan.saved_blocks * block_size < policy.min_step_saved_tokens:
         return None
