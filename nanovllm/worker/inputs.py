@@ -7,11 +7,17 @@ block_table[p // block_size] * block_size + p % block_size. Prefill computes tok
 step reaches its last token yields a logits row (`logits_indices`). Decode computes the last
 token of each sequence.
 
+Async scheduling: a decode row whose input token is a placeholder (sampled by the step just
+before, still on the device) has input id 0 in `input_ids`; `prev_sampled_rows` names those
+rows and `prev_sampled_indices` their rows in the previous step's sampled token ids, which the
+model runner scatters into the device's input ids (`scatter_prev_sampled`).
+
 Prompt logprobs: a prefill row at prompt position p < num_prompt_tokens - 1 of a sequence that
 asks for them gives the logprob of prompt token p + 1 (`prompt_logprobs_indices`, which every
 rank needs: the LM head gathers over them). The tokens those rows score and their k are rank 0's
 alone (`PromptLogprobsTargets`) and never travel to the workers.
 """
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import NamedTuple, Protocol
 
@@ -23,15 +29,17 @@ from nanovllm.attention import AttentionMetadata
 
 class ScheduledSequence(Protocol):
     """What the step's inputs read of a sequence (the engine's Sequence)."""
-    token_ids: list[int]
+    seq_id: int
+    token_ids: list[int]        # the known tokens
     block_table: list[int]
     num_cached_tokens: int      # tokens whose K/V are in the cache
     num_scheduled_tokens: int   # tokens this step computes
     num_prompt_tokens: int
+    num_output_placeholders: int  # tokens sampled but still on the device
     prompt_logprobs: int | None  # k of the prompt logprobs still to compute; None: none
 
     @property
-    def num_tokens(self) -> int: ...
+    def num_tokens(self) -> int: ...  # the known tokens and the placeholders
 
     @property
     def is_prefill_complete_after_step(self) -> bool: ...  # the step reaches the last token
@@ -50,6 +58,8 @@ class StepInput:
     context_lens: list[int] = field(default_factory=list)  # decode only
     logits_indices: list[int] = field(default_factory=list)  # rows that produce a next token
     prompt_logprobs_indices: list[int] = field(default_factory=list)  # rows that score a prompt token
+    prev_sampled_rows: list[int] = field(default_factory=list)     # decode rows whose input is on the device
+    prev_sampled_indices: list[int] = field(default_factory=list)  # their rows in the previous step's samples
 
     @property
     def num_tokens(self) -> int:
@@ -91,19 +101,28 @@ def _slots(seq: ScheduledSequence, start: int, end: int, block_size: int) -> lis
     return slots
 
 
-def prepare_step(seqs: list[ScheduledSequence], is_prefill: bool, block_size: int) -> StepInput:
+def prepare_step(seqs: list[ScheduledSequence], is_prefill: bool, block_size: int,
+                 prev_sampled: Mapping[int, int] | None = None) -> StepInput:
+    """`prev_sampled`: seq_id -> row of the previous step's sampled tokens, for every decode
+    sequence whose input token is a placeholder (async scheduling; prefill steps have none)."""
     if not is_prefill:
-        return StepInput(
+        step = StepInput(
             is_prefill=False,
-            input_ids=[seq.token_ids[-1] for seq in seqs],
+            input_ids=[0 if seq.num_output_placeholders else seq.token_ids[-1] for seq in seqs],
             positions=[seq.num_tokens - 1 for seq in seqs],
             slot_mapping=[_slots(seq, seq.num_tokens - 1, seq.num_tokens, block_size)[0] for seq in seqs],
             block_tables=[seq.block_table for seq in seqs],
             context_lens=[seq.num_tokens for seq in seqs],
             logits_indices=list(range(len(seqs))))
+        for row, seq in enumerate(seqs):
+            if seq.num_output_placeholders:
+                step.prev_sampled_rows.append(row)
+                step.prev_sampled_indices.append(prev_sampled[seq.seq_id])
+        return step
     step = StepInput(is_prefill=True, input_ids=[], positions=[], slot_mapping=[], block_tables=None,
                      cu_seqlens_q=[0], cu_seqlens_k=[0])
     for seq in seqs:
+        assert not seq.num_output_placeholders, "a prefill reads known tokens only"
         start, end = seq.num_cached_tokens, seq.num_cached_tokens + seq.num_scheduled_tokens
         step.input_ids.extend(seq.token_ids[start:end])
         step.positions.extend(range(start, end))
@@ -120,6 +139,13 @@ def prepare_step(seqs: list[ScheduledSequence], is_prefill: bool, block_size: in
     return step
 
 
+def scatter_prev_sampled(input_ids: torch.Tensor, rows: torch.Tensor, indices: torch.Tensor,
+                         prev_sampled: torch.Tensor):
+    """input_ids[rows] = prev_sampled[indices] on the device, without a sync: the placeholders'
+    values. input_ids: [num_tokens] int64; rows, indices: [num_placeholders] int64; prev_sampled: [n]."""
+    input_ids.index_copy_(0, rows, prev_sampled.index_select(0, indices))
+
+
 def upload_ints(device: torch.device, *arrays: list[int]) -> list[torch.Tensor]:
     """Several int lists to the device in one host-to-device copy, as int64 slices."""
     host = torch.from_numpy(np.concatenate([np.asarray(a, dtype=np.int64) for a in arrays]))
@@ -134,12 +160,17 @@ def padded_tables(tables: list[list[int]]) -> list[int]:
     return [b for t in tables for b in (t + [0] * (width - len(t)))]
 
 
-def eager_inputs(step: StepInput, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata]:
-    """(input_ids, positions, attention metadata) of an eager forward, in one upload."""
+def eager_inputs(step: StepInput, device: torch.device, prev_sampled: torch.Tensor | None = None
+                 ) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata]:
+    """(input_ids, positions, attention metadata) of an eager forward, in one upload.
+    `prev_sampled`: the previous step's sampled token ids when the step has placeholders."""
     lengths = (step.cu_seqlens_q, step.cu_seqlens_k) if step.is_prefill else (step.context_lens,)
     tables = padded_tables(step.block_tables) if step.block_tables else []
-    input_ids, positions, slot_mapping, flat_tables, *lens = upload_ints(
-        device, step.input_ids, step.positions, step.slot_mapping, tables, *lengths)
+    input_ids, positions, slot_mapping, flat_tables, rows, indices, *lens = upload_ints(
+        device, step.input_ids, step.positions, step.slot_mapping, tables, step.prev_sampled_rows,
+        step.prev_sampled_indices, *lengths)
+    if step.prev_sampled_rows:
+        scatter_prev_sampled(input_ids, rows, indices, prev_sampled)
     meta = AttentionMetadata(
         is_prefill=step.is_prefill, slot_mapping=slot_mapping.int(),
         block_tables=flat_tables.int().view(len(step.block_tables), -1) if tables else None)
