@@ -233,3 +233,17 @@ def test_an_exception_inside_a_round_leaves_a_working_engine(engines, monkeypatc
     reference = engines[False].generate(PROMPTS[4], greedy(max_tokens=20), use_tqdm=False)[0]
     assert bystander.outputs[0].token_ids == reference.outputs[0].token_ids
     assert engine.scheduler.block_manager.num_free_blocks == engine.executor.num_kvcache_blocks
+
+
+def test_tensor_parallel_2_broadcasts_the_samples(qwen3_untied):
+    """tp=2: the placeholders' token ids go from rank 0's sampler to rank 1 (a broadcast)."""
+    params = [greedy(max_tokens=12), SamplingParams(temperature=1, seed=5, max_tokens=9, ignore_eos=True),
+              greedy(max_tokens=20, stop_token_ids=[7, 11, 13])]
+    results = []
+    for mode, tp in ((False, 1), (True, 2)):
+        llm = LLM(qwen3_untied, async_scheduling=mode, tensor_parallel_size=tp, **ENGINE_ARGS)
+        try:
+            results.append(summary(llm.generate(PROMPTS[:3], params, use_tqdm=False)))
+        finally:
+            llm.shutdown()
+    assert results[0] == results[1]
