@@ -106,18 +106,20 @@ def prepare_step(seqs: list[ScheduledSequence], is_prefill: bool, block_size: in
     """`prev_sampled`: seq_id -> row of the previous step's sampled tokens, for every decode
     sequence whose input token is a placeholder (async scheduling; prefill steps have none)."""
     if not is_prefill:
-        step = StepInput(
-            is_prefill=False,
-            input_ids=[0 if seq.num_output_placeholders else seq.token_ids[-1] for seq in seqs],
-            positions=[seq.num_tokens - 1 for seq in seqs],
-            slot_mapping=[_slots(seq, seq.num_tokens - 1, seq.num_tokens, block_size)[0] for seq in seqs],
-            block_tables=[seq.block_table for seq in seqs],
-            context_lens=[seq.num_tokens for seq in seqs],
-            logits_indices=list(range(len(seqs))))
+        step = StepInput(is_prefill=False, input_ids=[], positions=[], slot_mapping=[],
+                         block_tables=[seq.block_table for seq in seqs], logits_indices=list(range(len(seqs))))
         for row, seq in enumerate(seqs):
+            num_tokens = seq.num_tokens
+            position = num_tokens - 1
             if seq.num_output_placeholders:
+                step.input_ids.append(0)
                 step.prev_sampled_rows.append(row)
                 step.prev_sampled_indices.append(prev_sampled[seq.seq_id])
+            else:
+                step.input_ids.append(seq.token_ids[-1])
+            step.positions.append(position)
+            step.slot_mapping.append(seq.block_table[position // block_size] * block_size + position % block_size)
+            step.context_lens.append(num_tokens)
         return step
     step = StepInput(is_prefill=True, input_ids=[], positions=[], slot_mapping=[], block_tables=None,
                      cu_seqlens_q=[0], cu_seqlens_k=[0])
