@@ -102,7 +102,7 @@ class LLMEngine:
         self._completions: dict[int, Completion] = {}  # unfinished sequences by seq_id
         self._tracked: dict[int, Completion] = {}      # those of them that need per-step work
         self._guided: set[int] = set()                 # those of them with a grammar (seq_ids)
-        self._sync_seqs: set[int] = set()              # those that need host tokens (_needs_host_tokens)
+        self._sync_seqs: set[int] = set()              # those whose draws need host tokens (needs_host_tokens)
         self._pending: InflightStep | None = None     # the step in flight (async scheduling)
         self._unclaimed: list[RequestOutput] = []      # add_request outputs finished inside generate()
         self._seq_ids = itertools.count()
