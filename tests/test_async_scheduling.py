@@ -248,3 +248,13 @@ def test_tensor_parallel_2_broadcasts_the_samples(qwen3_untied):
         finally:
             llm.shutdown()
     assert results[0] == results[1]
+
+
+def test_structured_outputs_fall_back_to_synchronous_rounds(engines):
+    pytest.importorskip("xgrammar", reason="xgrammar (the `structured` extra) is not installed")
+    from nanovllm.sampling_params import GuidedDecodingParams
+    guided = GuidedDecodingParams(regex=r"[a-z]{2,5}@[a-z]{3}\.(com|org)")
+    params = [SamplingParams(temperature=0, max_tokens=30, guided_decoding=guided),
+              SamplingParams(temperature=1.0, seed=4, max_tokens=30, guided_decoding=guided), greedy(max_tokens=40)]
+    result = both(engines, PROMPTS[:3], params)
+    assert [c[3] for o in result[:2] for c in o[3]] == ["stop", "stop"]
