@@ -8,8 +8,9 @@
     python bench.py --quantization fp8           # FP8 weights (random weights: quantized at load time)
     python bench.py --attention-backend triton --kv-cache-dtype fp8 --block-size 16   # the KV path
     python bench.py --data-parallel-size 2       # two replicas on Ray (the `ray` extra)
-    python bench.py --workload shared-prefix --attention-backend triton [--no-cascade]   # cascade attention
-    python bench.py --workload n-samples --attention-backend triton [--no-cascade]
+    python bench.py --workload shared-prefix [--no-cascade]   # cascade attention (shared prefixes)
+    python bench.py --workload n-samples [--no-cascade]
+    python bench.py --no-async-scheduling        # the synchronous loop (host work not overlapped)
 
 Default workload: random.seed(0); 256 sequences; prompt i is randint(100, 1024) random token ids
 in [0, 10000]; then one SamplingParams(temperature=0.6, ignore_eos=True,
@@ -106,6 +107,8 @@ def parse_args(argv: list[str] | None = None):
     parser.add_argument("--data-parallel-size", type=positive_int, default=1, help="engine replicas, on Ray")
     parser.add_argument("--data-parallel-backend", choices=["ray"],
                         help="'ray': replicas on Ray even with --data-parallel-size 1")
+    parser.add_argument("--no-async-scheduling", action="store_true",
+                        help="run the synchronous loop (async scheduling is on by default on CUDA)")
     parser.add_argument("--latency", action="store_true", help="decode latency at batch sizes 1, 8, 64")
     parser.add_argument("--with-latency", action="store_true", help="the throughput workload, then --latency")
     parser.add_argument("--repeat", type=positive_int, default=1, help="time each workload this many times")
@@ -130,7 +133,8 @@ def make_llm(args, folder: str) -> LLM:
                    attention_backend=args.attention_backend, block_size=args.block_size,
                    kv_cache_dtype=args.kv_cache_dtype, data_parallel_size=args.data_parallel_size,
                    data_parallel_backend=args.data_parallel_backend,
-                   enable_cascade_attention=not args.no_cascade)
+                   enable_cascade_attention=not args.no_cascade,
+                   async_scheduling=False if args.no_async_scheduling else None)
     if args.model is None:
         with open(os.path.join(folder, "config.json"), "w") as f:
             json.dump(DUMMY_CONFIGS[args.dummy_config], f)
@@ -253,8 +257,9 @@ def decode_latency(llm: LLM, batch_size: int, prompt_len: int = 128, max_tokens:
     for _ in range(batch_size):
         engine.add_request(f"latency-{engine.get_num_unfinished_requests()}",
                            [randint(0, 10000) for _ in range(prompt_len)], params)
-    while engine.scheduler.waiting:  # prefill steps
-        engine.step()
+    started = set()
+    while len(started) < batch_size:  # the prefill, until its tokens reached the host
+        started.update(o.request_id for o in engine.step() if o.outputs[0].token_ids)
     steps, start = 0, time.perf_counter()
     while not engine.is_finished():
         engine.step()

@@ -52,6 +52,10 @@ class Config:
     # None: as the checkpoint's quantization_config says (unquantized without one); "fp8": FP8
     # weights, quantized at load time when the checkpoint is not FP8 already
     quantization: str | None = None
+    # Overlap the host with the device: schedule and prepare step N+1 while step N runs, reading
+    # its tokens one step late (engine/llm_engine.py). None: on for CUDA, off on the CPU (where
+    # nothing runs concurrently, so it only adds a step's work per stop); resolved at construction.
+    async_scheduling: bool | None = None
     hf_config: PretrainedConfig = field(init=False, repr=False)
     quant_config: Fp8Config | None = field(init=False, repr=False)  # resolved `quantization`
 
@@ -78,6 +82,10 @@ class Config:
             raise ValueError("device='cuda' was asked for, but no CUDA GPU is visible.")
         if self.distributed_port is not None and not 0 < self.distributed_port < 65536:
             raise ValueError(f"distributed_port must be in (0, 65536), got {self.distributed_port!r}.")
+        if self.async_scheduling is None:
+            object.__setattr__(self, "async_scheduling", self.device_type == "cuda")
+        elif not isinstance(self.async_scheduling, bool):
+            raise ValueError(f"async_scheduling must be True, False or None, got {self.async_scheduling!r}.")
         if self.cuda_graph_sizes is not None:
             sizes = tuple(self.cuda_graph_sizes)
             if not sizes or any(not isinstance(s, int) or s < 1 for s in sizes):

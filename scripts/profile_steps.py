@@ -1,11 +1,13 @@
 """Where a step's time goes, host and GPU, for bench.py's workload (plain) and its --mixed-sampling
-variant (the same requests): per decode step, the host time before the forward is queued (scheduling, inputs), the
-time the host spends queuing the sampler, its wait for the results, its time after them
-(postprocess), and the GPU time of the forward and of the sampler (CUDA events, so a sampler
-whose kernels are queued slower than the GPU runs them counts its gaps too). Averages by batch
-size, then totals. CUDA only, one GPU.
+variant (the same requests): per decode round of the engine's loop, the host time before the forward is
+queued (scheduling, inputs), the time the host spends queuing the forward and the sampler, its
+wait for a step's results (with async scheduling: the previous step's), the rest of the round
+(postprocess), the GPU time of the forward and of the sampler (CUDA events, so a sampler whose
+kernels are queued slower than the GPU runs them counts its gaps too), and the GPU's idle time
+before the step (from the previous step's end to this one's start: host time not hidden behind
+the GPU). Averages by batch size, then totals. CUDA only, one GPU.
 
-    python scripts/profile_steps.py [--num-seqs 256]
+    python scripts/profile_steps.py [--num-seqs 256] [--no-async-scheduling]
 """
 import argparse
 import sys
@@ -19,6 +21,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import bench  # noqa: E402
 from nanovllm import SamplingParams  # noqa: E402
+from nanovllm.worker.async_output import AsyncSampledTokens  # noqa: E402
 
 
 class StepClock:
@@ -32,7 +35,7 @@ class StepClock:
         compute_logits, sampler = runner.model.compute_logits, runner.sampler
 
         def timed_step():
-            self.current = record = dict(start=time.perf_counter())
+            self.current = record = dict(start=time.perf_counter(), wait=0.0)
             result = step()
             record["end"] = time.perf_counter()
             if "gpu_start" in record:
@@ -61,14 +64,25 @@ class StepClock:
             self.current["sampled"], self.current["gpu_sampled"] = time.perf_counter(), _event()
             return output
 
+        def timed_get_output(samples):
+            start = time.perf_counter()
+            result = get_output(samples)
+            if self.current is not None:
+                self.current["wait"] += time.perf_counter() - start
+            return result
+
         engine._step, runner.execute_model, runner.sample = timed_step, timed_execute, timed_sample
         runner.model.compute_logits, runner.sampler = timed_logits, timed_sampler
+        get_output = AsyncSampledTokens.get_output
+        AsyncSampledTokens.get_output = timed_get_output
 
     def report(self, name: str):
         torch.cuda.synchronize()
         buckets = defaultdict(lambda: defaultdict(float))
         prefill = [r["end"] - r["start"] for r in self.records if r["prefill"]]
+        previous = None
         for r in self.records:
+            before, previous = previous, r
             if r["prefill"] or "sampled" not in r:
                 continue
             key = next(b for b in (128, 32, 8, 1) if r["batch"] >= b)
@@ -78,13 +92,17 @@ class StepClock:
             b["before"] += r["execute"] - r["start"]
             b["queue_forward"] += r["logits"] - r["execute"]
             b["queue_sampler"] += r["sampled"] - r["logits"]
-            b["wait"] += r["results"] - r["sampled"]
-            b["after"] += r["end"] - r["results"]
+            b["wait"] += r["wait"]
+            b["after"] += r["end"] - r["results"] - r["wait"]
             b["gpu_forward"] += r["gpu_start"].elapsed_time(r["gpu_logits"]) / 1e3
             b["gpu_sampler"] += r["gpu_logits"].elapsed_time(r["gpu_sampled"]) / 1e3
-        fields = ["wall", "before", "queue_forward", "queue_sampler", "wait", "after", "gpu_forward", "gpu_sampler"]
-        print(f"[{name}] decode steps, ms per step (host: before = scheduling + inputs, queue_* = queuing, "
-              f"wait = for results, after = postprocess; gpu_* from CUDA events)")
+            if before is not None and "gpu_sampled" in before:
+                b["gpu_idle"] += before["gpu_sampled"].elapsed_time(r["gpu_start"]) / 1e3
+        fields = ["wall", "before", "queue_forward", "queue_sampler", "wait", "after", "gpu_forward", "gpu_sampler",
+                  "gpu_idle"]
+        print(f"[{name}] decode rounds, ms per round (host: before = scheduling + inputs, queue_* = queuing, "
+              f"wait = for a step's results, after = the rest (postprocess); gpu_* from CUDA events, "
+              f"gpu_idle = from the previous step's end to this one's start)")
         print(f"{'batch':>8} {'steps':>6} " + " ".join(f"{f:>13}" for f in fields))
         total = defaultdict(float)
         for key in sorted(buckets, reverse=True):
@@ -120,9 +138,11 @@ def _event() -> torch.cuda.Event:
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--num-seqs", type=int, default=256)
+    parser.add_argument("--no-async-scheduling", action="store_true")
     args = parser.parse_args()
     folder = tempfile.TemporaryDirectory(prefix="nanovllm-profile-")
-    llm = bench.make_llm(bench.parse_args([]), folder.name)  # bench.py's defaults
+    bench_args = bench.parse_args(["--no-async-scheduling"] if args.no_async_scheduling else [])
+    llm = bench.make_llm(bench_args, folder.name)  # bench.py's defaults
     warm_up, variants = bench.workloads(argparse.Namespace(num_seqs=args.num_seqs, max_input_len=1024,
                                                            max_output_len=1024, mixed_sampling=True))
     llm.generate([warm_up], SamplingParams(), use_tqdm=False)

@@ -2,8 +2,12 @@
 
 Invariants:
 - A block is either free (ref_count == 0, in `free_block_ids`) or used (ref_count > 0).
-- A block's `hash` is set only once all its `block_size` tokens have their K/V computed (or are
-  being computed in the step just scheduled). The hash chains the previous block's hash with the
+- A block's `hash` is set only once all its `block_size` tokens are known and have their K/V
+  computed or being computed by a scheduled or launched step.
+- Blocks are freed on the host at once, even while a launched step still reads or writes them
+  (async scheduling: a sequence that finished one step late): any later use of the block is by
+  a later step, which runs after it on the device (one stream per rank), so nothing is reused
+  before the device is done with it. The hash chains the previous block's hash with the
   block's token ids (xxhash64), so equal hashes mean equal prefixes; a hit is still verified
   against the stored token ids before reuse.
 - Freed blocks keep their hash and contents until reallocated, so a later request with the same
@@ -125,16 +129,20 @@ class BlockManager:
         if len(seq.block_table) * self.block_size < seq.num_tokens:
             seq.block_table.append(self._take_free_block())
 
-    def commit(self, seq: Sequence, num_computed_tokens: int):
-        """Publish the hashes of blocks that are full once `num_computed_tokens` K/V exist."""
+    def commit(self, seq: Sequence, num_computed_tokens: int, first_token: int | None = None):
+        """Publish the hashes of blocks that are full once `num_computed_tokens` K/V exist (their
+        token ids must be known), looking from the block of `first_token` on (default:
+        `seq.num_cached_tokens`, the first token of the step being scheduled)."""
         if not self.enable_prefix_caching:
             return
-        first = seq.num_cached_tokens // self.block_size
+        first = (seq.num_cached_tokens if first_token is None else first_token) // self.block_size
         for i in range(first, num_computed_tokens // self.block_size):
             block = self.blocks[seq.block_table[i]]
             if block.hash is not None:
                 continue
             prefix_hash = self.blocks[seq.block_table[i - 1]].hash if i > 0 else None
+            if i > 0 and prefix_hash is None:  # the chain is broken: a hash now would be wrong
+                break
             block.token_ids = self._block_tokens(seq, i)
             block.hash = compute_block_hash(block.token_ids, prefix_hash)
             self.hash_to_block_id[block.hash] = block.block_id

@@ -1,12 +1,20 @@
 """LLMEngine: vLLM's request loop (`add_request`, `step`, `abort_request`) and `generate` on top.
 
-A step: the scheduler picks sequences, the executor runs the model and samples one token for each
-sequence that completed its prompt, the scheduler appends the tokens and ends sequences on EOS,
-stop_token_ids and length, the engine records prompt logprobs and advances the grammars of
-structured outputs (a completed grammar ends its sequence), and the output processor does the
-per-step work of the tracked completions (logprobs, text, stop strings; a stop string ends its
-sequence through the scheduler).
+A step: the scheduler picks sequences, the executor launches the model and samples one token for
+each sequence that completed its prompt; then, once the tokens reach the host, the scheduler
+appends them and ends sequences on EOS, stop_token_ids and length, the engine records prompt
+logprobs and advances the grammars of structured outputs (a completed grammar ends its sequence),
+and the output processor does the per-step work of the tracked completions (logprobs, text, stop
+strings; a stop string ends its sequence through the scheduler).
 `generate`'s loop builds no per-step outputs: untracked completions are decoded once, at the end.
+
+Async scheduling (`async_scheduling`, on by default on CUDA): a round schedules and launches step
+N+1, then processes step N, which ran on the device meanwhile; N+1's inputs take N's tokens on the
+device (placeholders: scheduler.py). At most one step is in flight between calls, none once no
+request is unfinished. A token past a stop is dropped; greedy and seeded tokens are those of the
+synchronous loop. A round is synchronous while an unfinished sequence needs its newest token on
+the host before its next draw (inflight.py: grammars, penalties). An exception inside a round
+abandons its steps: their unfinished sequences are preempted (recomputed from their known tokens).
 
 Bad input raises ValueError / TypeError naming it before anything is queued (input_processor.py).
 The public methods hold one lock, so calls from several threads run one after another (a
@@ -26,19 +34,19 @@ from typing import Sequence as SequenceT
 from tqdm.auto import tqdm
 
 from nanovllm.config import Config
+from nanovllm.engine.inflight import InflightStep, RoundResults, launch_step, needs_host_tokens
 from nanovllm.engine.input_processor import InputProcessor, PromptType, pair_prompts
 from nanovllm.engine.output_processor import OutputProcessor
 from nanovllm.engine.request import Completion, Request
-from nanovllm.engine.scheduler import Scheduler
+from nanovllm.engine.scheduler import Scheduler, SchedulerOutput
 from nanovllm.engine.sequence import Sequence
+from nanovllm.engine.structured_output import advance_grammars
 from nanovllm.outputs import RequestOutput
-from nanovllm.sample.sampler import SampledTokens
 from nanovllm.sampling_params import RequestOutputKind, SamplingParams
 from nanovllm.utils.hub import resolve_model_path
 from nanovllm.utils.tokenizer import (default_sampling_overrides, eos_token_ids, load_tokenizer,
                                       read_generation_config)
 from nanovllm.worker.executor import Executor
-from nanovllm.worker.inputs import prompt_logprobs_positions
 
 logger = logging.getLogger(__name__)
 
@@ -94,6 +102,8 @@ class LLMEngine:
         self._completions: dict[int, Completion] = {}  # unfinished sequences by seq_id
         self._tracked: dict[int, Completion] = {}      # those of them that need per-step work
         self._guided: set[int] = set()                 # those of them with a grammar (seq_ids)
+        self._sync_seqs: set[int] = set()              # those whose draws need host tokens (needs_host_tokens)
+        self._pending: InflightStep | None = None     # the step in flight (async scheduling)
         self._unclaimed: list[RequestOutput] = []      # add_request outputs finished inside generate()
         self._seq_ids = itertools.count()
         self._request_counter = itertools.count()
@@ -127,6 +137,8 @@ class LLMEngine:
                 self._tracked[completion.seq.seq_id] = completion
             if completion.seq.grammar is not None:
                 self._guided.add(completion.seq.seq_id)
+            if needs_host_tokens(completion.seq):
+                self._sync_seqs.add(completion.seq.seq_id)
             self.scheduler.add(completion.seq)
 
     @_serialized
@@ -158,6 +170,10 @@ class LLMEngine:
                 self._completions.pop(completion.seq.seq_id, None)
                 self._tracked.pop(completion.seq.seq_id, None)
                 self._guided.discard(completion.seq.seq_id)
+                self._sync_seqs.discard(completion.seq.seq_id)
+        if self._pending is not None and not self._requests:  # every row of it is past a finish
+            pending, self._pending = self._pending, None
+            pending.samples.get_output()
 
     @_serialized
     def has_unfinished_requests(self) -> bool:
@@ -174,67 +190,73 @@ class LLMEngine:
     # ---- the loop --------------------------------------------------------------------------
 
     def _step(self) -> tuple[list[Request], list[Completion], int]:
-        """One schedule -> run -> postprocess round. Returns the requests that finished, the
-        tracked completions that got a token, and the number of tokens computed (positive:
-        prefill tokens; negative: decode sequences)."""
-        output = self.scheduler.schedule()
-        num_tokens = (sum(seq.num_scheduled_tokens for seq in output.seqs) if output.is_prefill
-                      else -len(output.seqs))
-        sampled_seqs = output.seqs
-        if (self._tracked or self._guided) and output.is_prefill:  # rows: the sequences whose prompt completes
-            sampled_seqs = [seq for seq in output.seqs if seq.is_prefill_complete_after_step]
-        prompt_spans = []  # (sequence, positions) of the prompt logprobs rows, in row order
-        if output.is_prefill:
-            prompt_spans = [(seq, prompt_logprobs_positions(seq)) for seq in output.seqs
-                            if seq.prompt_logprobs is not None]
-        sampled = self.executor.execute(output.seqs, output.is_prefill)
-        if prompt_spans:
-            self._record_prompt_logprobs(prompt_spans, sampled)
-        finished = self.scheduler.update(output, sampled.token_ids)
-        if self._guided:
-            finished.extend(self._advance_grammars(sampled_seqs))
-        progressed = []
+        """One round of the loop (see the module's docstring). Returns the requests that finished,
+        the tracked completions that got a token, and the number of tokens of the last step
+        processed (positive: prefill tokens; negative: decode sequences; 0: none processed)."""
+        overlap = self.config.async_scheduling and not self._sync_seqs
+        previous, self._pending = self._pending, None
+        scheduled = launched = None
+        results = RoundResults()
+        try:
+            if previous is not None and not overlap:  # the next step needs its tokens on the host
+                self._process(previous, results)
+                previous = None
+            if not self.scheduler.is_finished():
+                scheduled = self.scheduler.schedule()
+                if scheduled.seqs:
+                    launched = launch_step(self.executor, self.scheduler, scheduled, previous)
+            if previous is not None:
+                self._process(previous, results)
+                previous = None
+            if launched is not None and not overlap:
+                self._process(launched, results)
+                launched = None
+        except BaseException:
+            touched = [step.output for step in (previous, launched) if step is not None]
+            self._recover(touched + ([scheduled] if scheduled is not None else []))
+            raise
+        self._pending = launched
+        if launched is not None and not self._requests:  # every row of it is past a finish
+            self._pending = None
+            launched.samples.get_output()
+        return results.finished, results.progressed, results.num_tokens
+
+    def _process(self, step: InflightStep, results: RoundResults):
+        """Read a launched step's tokens (waiting for the device) and account for them."""
+        sampled = step.samples.get_output()
+        if step.prompt_spans:
+            self.output_processor.record_step_prompt_logprobs(step.prompt_spans, sampled.prompt_logprobs,
+                                                              self._completions)
+        sampled_seqs = step.output.sampled_seqs
+        finished = self.scheduler.update(step.output, sampled.token_ids)
+        for seq in advance_grammars(sampled_seqs) if self._guided else ():
+            self.scheduler.finish(seq, "stop")  # the grammar is complete, or rejected the token
+            finished.append(seq)
         for row, seq in enumerate(sampled_seqs if self._tracked else ()):
             completion = self._tracked.get(seq.seq_id)
-            if completion is None:
+            if completion is None:  # untracked, or finished before this step (its token was dropped)
                 continue
-            progressed.append(completion)
+            results.progressed.append(completion)
             if self.output_processor.update(completion, sampled, row) and not seq.is_finished:
                 self.scheduler.finish(seq, "stop")
                 finished.append(seq)
-        return [r for r in map(self._finish_seq, finished) if r is not None], progressed, num_tokens
+        results.finished.extend(r for r in map(self._finish_seq, finished) if r is not None)
+        results.num_tokens = step.num_tokens
 
-    def _record_prompt_logprobs(self, spans: list[tuple[Sequence, range]], sampled: SampledTokens):
-        """Hand each sequence's rows of the step's prompt logprobs to its request (`spans`: the
-        sequences and their positions, in row order)."""
-        row = 0
-        for seq, positions in spans:
-            request = self._completions[seq.seq_id].request
-            self.output_processor.record_prompt_logprobs(request, positions, sampled.prompt_logprobs, row)
-            row += len(positions)
-            if len(request.prompt_logprobs) == seq.num_prompt_tokens:
-                seq.prompt_logprobs = None  # done: later recomputes (preemption) need none
-
-    def _advance_grammars(self, sampled_seqs: list[Sequence]) -> list[Sequence]:
-        """Advance the grammars of the sequences that got a token; returns the sequences this
-        finishes ("stop": the grammar is complete, or rejected the token)."""
-        finished = []
-        for seq in sampled_seqs:
-            if seq.grammar is None or seq.is_finished:
-                continue
-            if not seq.grammar.accept_token(seq.last_token):
-                logger.warning("sequence %d: token %d is outside its grammar; ending it", seq.seq_id, seq.last_token)
-            elif not seq.grammar.is_terminated():
-                continue
-            self.scheduler.finish(seq, "stop")
-            finished.append(seq)
-        return finished
+    def _recover(self, outputs: list[SchedulerOutput]):
+        """After an exception inside a round: abandon its steps (scheduled, launched or half
+        processed). Their unfinished sequences are preempted, dropping their placeholders."""
+        seqs = [seq for output in outputs for seq in output.seqs]
+        preempted = self.scheduler.preempt_all(seqs)
+        if preempted:
+            logger.warning("a step was interrupted: %d sequences will be recomputed", len(preempted))
 
     def _finish_seq(self, seq: Sequence) -> Request | None:
         """Account for a finished sequence; returns its request once all its sequences are done."""
         completion = self._completions.pop(seq.seq_id)
         self._tracked.pop(seq.seq_id, None)
         self._guided.discard(seq.seq_id)
+        self._sync_seqs.discard(seq.seq_id)
         request = completion.request
         request.num_unfinished -= 1
         if request.num_unfinished:
@@ -246,9 +268,9 @@ class LLMEngine:
     def step(self) -> list[RequestOutput]:
         """Run one step; returns a RequestOutput (cumulative, vLLM's default) for every request
         that got tokens in it, finished or not, and for requests added here that finished during
-        a `generate` call."""
+        a `generate` call. With async scheduling a step's tokens are reported by the next call."""
         outputs, self._unclaimed = self._unclaimed, []
-        if self.scheduler.is_finished():
+        if self.scheduler.is_finished() and self._pending is None:
             return outputs
         finished, progressed, _ = self._step()
         reported = {id(r) for r in finished}
@@ -288,7 +310,7 @@ class LLMEngine:
                 elapsed = time.perf_counter() - start
                 if num_tokens > 0:
                     prefill_tps = num_tokens / elapsed
-                else:
+                elif num_tokens < 0:
                     decode_tps = -num_tokens / elapsed
                 pbar.set_postfix({"Prefill": f"{int(prefill_tps)}tok/s", "Decode": f"{int(decode_tps)}tok/s"},
                                  refresh=False)

@@ -6,9 +6,12 @@ boundaries; the text is cut before it (unless include_stop_str_in_output), `toke
 token that completed it. Other completions are decoded once, when they finish.
 Prompt logprobs are recorded per request as the steps that compute its prompt produce them.
 """
+from collections.abc import Mapping
+
 from transformers import PreTrainedTokenizerBase
 
 from nanovllm.engine.request import Completion, Request
+from nanovllm.engine.sequence import Sequence
 from nanovllm.outputs import CompletionOutput, Logprob, RequestOutput
 from nanovllm.sample.logprobs import LogprobsLists
 from nanovllm.sample.sampler import SampledTokens
@@ -33,7 +36,7 @@ class OutputProcessor:
         if detokenizer is None or (stopped_by_token and not params.include_stop_str_in_output):
             return False
         new_chars = detokenizer.update([seq.last_token])
-        if not params.stop or stopped_by_token or seq.num_completion_tokens <= params.min_tokens:
+        if not params.stop or stopped_by_token or seq.num_output_tokens <= params.min_tokens:
             return False
         hit = check_stop_strings(detokenizer.output_text, new_chars, params.stop, params.include_stop_str_in_output)
         if hit is None:
@@ -50,6 +53,22 @@ class OutputProcessor:
         completion.logprobs.append(self._entry(sampled.logprob_token_ids[row], logprobs, sampled.ranks[row],
                                                completion.request.params.logprobs))
         completion.cumulative_logprob += logprobs[0]
+
+    def record_step_prompt_logprobs(self, spans: list[tuple[Sequence, range]], lists: LogprobsLists,
+                                    completions: Mapping[int, Completion]):
+        """Hand each sequence's rows of a step's prompt logprobs to its request. `spans`: the
+        sequences and their positions, in row order; `completions`: the unfinished ones by seq_id
+        (one aborted since the step was launched is skipped)."""
+        row = 0
+        for seq, positions in spans:
+            first_row, row = row, row + len(positions)
+            completion = completions.get(seq.seq_id)
+            if completion is None:
+                continue
+            request = completion.request
+            self.record_prompt_logprobs(request, positions, lists, first_row)
+            if len(request.prompt_logprobs) == seq.num_prompt_tokens:
+                seq.prompt_logprobs = None  # done: later recomputes (preemption) need none
 
     def record_prompt_logprobs(self, request: Request, positions: range, lists: LogprobsLists, first_row: int):
         """Add the prompt logprobs that rows first_row.. of `lists` give: the row of prompt

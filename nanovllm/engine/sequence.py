@@ -1,9 +1,16 @@
 """One sequence (one completion of a request): its token ids, KV block table and progress.
 
-Invariants: `token_ids[:num_cached_tokens]` have their K/V in the blocks of `block_table`;
-a scheduled step computes `token_ids[num_cached_tokens : num_cached_tokens + num_scheduled_tokens]`.
-Tokens are only ever appended (preemption recomputes K/V, it never drops tokens).
+Invariants: the first `num_cached_tokens` tokens have their K/V in the blocks of `block_table`
+once the launched steps complete (a launched step's tokens count as cached: later steps run after
+it on the device); a scheduled step computes tokens [num_cached_tokens, num_cached_tokens +
+num_scheduled_tokens). Tokens are only ever appended (preemption recomputes K/V, it never drops tokens).
 The block size is not stored here: the BlockManager owns it.
+
+Async scheduling: a launched step's sampled token is a placeholder until the host reads it
+(`num_output_placeholders`, vLLM's name: 0, 1 or, between scheduling a step and reading the one
+before, 2). `num_tokens` and `num_completion_tokens` count the placeholders (the sequence as
+the device sees it: positions, the sampler's token count); `token_ids` and `num_output_tokens`
+hold the known tokens only. A placeholder is resolved by `append_token`.
 
 `sampling_state` belongs to the sampler on rank 0 (the token-id mirror of a penalised
 sequence); it is created on the sequence's first penalised step and dies with the sequence.
@@ -46,6 +53,7 @@ class Sequence:
         self.block_table: list[int] = []
         self.num_cached_tokens = 0      # tokens whose K/V are in the cache
         self.num_scheduled_tokens = 0   # tokens the current step computes
+        self.num_output_placeholders = 0  # sampled tokens still on the device (async scheduling)
         self.num_prefix_cached_tokens: int | None = None  # prompt tokens found in the prefix cache on admission
         self.finish_reason: str | None = None  # "stop", "length" or "abort"
         self.stop_reason: int | str | None = None  # the stop_token_id or stop string; None for EOS
@@ -55,10 +63,17 @@ class Sequence:
 
     @property
     def num_tokens(self) -> int:
-        return len(self.token_ids)
+        """Known tokens and placeholders."""
+        return len(self.token_ids) + self.num_output_placeholders
 
     @property
     def num_completion_tokens(self) -> int:
+        """Tokens sampled so far, placeholders included."""
+        return self.num_tokens - self.num_prompt_tokens
+
+    @property
+    def num_output_tokens(self) -> int:
+        """Completion tokens known on the host."""
         return len(self.token_ids) - self.num_prompt_tokens
 
     @property
@@ -71,6 +86,7 @@ class Sequence:
 
     @property
     def last_token(self) -> int:
+        """The newest known token."""
         return self.token_ids[-1]
 
     @property
@@ -83,4 +99,7 @@ class Sequence:
         return self.num_cached_tokens + self.num_scheduled_tokens == self.num_tokens
 
     def append_token(self, token_id: int):
+        """Add a sampled token: the value of the oldest placeholder when there is one."""
         self.token_ids.append(token_id)
+        if self.num_output_placeholders:
+            self.num_output_placeholders -= 1

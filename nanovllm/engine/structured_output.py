@@ -13,10 +13,14 @@ tokens (vLLM's `disable-any-whitespace`): with it, small models tend to emit whi
 xgrammar never allows the padding ids.
 """
 import json
+import logging
 
 from transformers import PreTrainedTokenizerBase
 
+from nanovllm.engine.sequence import Sequence
 from nanovllm.sampling_params import GuidedDecodingParams
+
+logger = logging.getLogger(__name__)
 
 COMPILER_THREADS = 2
 
@@ -111,3 +115,18 @@ class StructuredOutputManager:
     def grammar(self, compiled) -> StructuredOutputGrammar:
         """A fresh matcher of `compiled` (one per sequence)."""
         return StructuredOutputGrammar(_import_xgrammar().GrammarMatcher(compiled), self.vocab_size)
+
+
+def advance_grammars(seqs: list[Sequence]) -> list[Sequence]:
+    """Advance the grammars of the unfinished `seqs` with their newest token; returns those whose
+    grammar this ends (complete, or the token is outside it: then a warning is logged)."""
+    ended = []
+    for seq in seqs:
+        if seq.grammar is None or seq.is_finished:
+            continue
+        if not seq.grammar.accept_token(seq.last_token):
+            logger.warning("sequence %d: token %d is outside its grammar; ending it", seq.seq_id, seq.last_token)
+        elif not seq.grammar.is_terminated():
+            continue
+        ended.append(seq)
+    return ended

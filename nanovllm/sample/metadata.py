@@ -46,10 +46,10 @@ class SamplingSequence(Protocol):
     grammar: Grammar | None             # structured outputs: what may come next
 
     @property
-    def num_tokens(self) -> int: ...
+    def num_tokens(self) -> int: ...  # placeholders (async scheduling) included
 
     @property
-    def num_completion_tokens(self) -> int: ...
+    def num_completion_tokens(self) -> int: ...  # the tokens drawn so far, placeholders included
 
 
 class SequenceState:
@@ -63,6 +63,7 @@ class SequenceState:
     def token_ids(self, seq: SamplingSequence) -> np.ndarray:
         """All of `seq`'s token ids, copying only those appended since the last call."""
         n = seq.num_tokens
+        assert n == len(seq.token_ids), "penalties read every token: no placeholder may be pending"
         if n > len(self.mirror):
             grown = np.empty(max(n, 2 * len(self.mirror), 64), dtype=np.int64)
             grown[:self.num_mirrored] = self.mirror[:self.num_mirrored]

@@ -50,6 +50,14 @@ class TensorParallelGroup:
         self.backend.gather([parts] if parts else [], [x], opts).wait()
         return torch.cat(parts, dim) if parts else None
 
+    def broadcast(self, x: torch.Tensor) -> torch.Tensor:
+        """Rank 0's `x` into every rank's `x` (same shape and dtype on each)."""
+        if self.size > 1:
+            opts = dist.BroadcastOptions()
+            opts.rootRank, opts.rootTensor = 0, 0
+            self.backend.broadcast([x], opts).wait()
+        return x
+
     def barrier(self, device: torch.device):
         self.all_reduce(torch.zeros(1, device=device))
 

@@ -2,11 +2,15 @@
 
 A batch is padded up to the next captured size (graph padding): padded rows store nothing
 (PAD_SLOT_ID) and attend over nothing (context length 0). The graphs read their inputs from views
-of two device buffers (int64: input ids, positions; int32: slot mapping, context lengths, block
-tables), filled each step by one copy apiece from pinned host staging buffers of the same layout.
-All graphs share one memory pool and one output buffer. Cascade (shared-prefix) steps are not
-captured: their grids follow the step's groups, so they run eagerly (worker/cascade.py's cost rule
-picks them only when the saving outweighs that).
+of two device buffers (int64: input ids, positions, then the placeholder rows and their sources,
+which the graphs do not read; int32: slot mapping, context lengths, block tables), filled each
+step by one copy apiece from pinned host staging buffers of the same layout. There are two sets
+of staging buffers, used in turn (async scheduling: the host fills step N+1's while step N's
+copy may still wait in the stream); an event per set says when its last copy has run.
+Placeholder input ids (async scheduling) are scattered in from the previous step's samples on
+the device, after the copy and before the replay. All graphs share one memory pool and one
+output buffer. Cascade (shared-prefix) steps are not captured: their grids follow the step's groups,
+so they run eagerly (worker/cascade.py's cost rule picks them only when the saving outweighs that).
 """
 import logging
 
@@ -14,7 +18,7 @@ import torch
 from torch import nn
 
 from nanovllm.attention import PAD_SLOT_ID, AttentionMetadata, forward_context
-from nanovllm.worker.inputs import StepInput
+from nanovllm.worker.inputs import StepInput, scatter_prev_sampled
 
 logger = logging.getLogger(__name__)
 
@@ -27,10 +31,13 @@ class CUDAGraphRunner:
         """Capture `model`'s decode forward for each batch size of `sizes`."""
         max_bs, width = max(sizes), max_blocks_per_seq
         self.max_bs, self.width = max_bs, width
-        self.host64 = torch.zeros(2 * max_bs, dtype=torch.int64).pin_memory()
-        self.host32 = torch.zeros((2 + width) * max_bs, dtype=torch.int32).pin_memory()
-        self.dev64, self.dev32 = self.host64.to(device), self.host32.to(device)
-        input_ids, positions = self.dev64.split(max_bs)
+        self.staging = [(torch.zeros(4 * max_bs, dtype=torch.int64).pin_memory(),
+                         torch.zeros((2 + width) * max_bs, dtype=torch.int32).pin_memory()) for _ in range(2)]
+        self.copied = [torch.cuda.Event() for _ in self.staging]  # each set's last copy has run
+        self.turn = 0
+        self.dev64, self.dev32 = (host.to(device) for host in self.staging[0])
+        self.input_ids, positions, self.prev_rows, self.prev_indices = self.dev64.split(max_bs)
+        input_ids = self.input_ids
         slot_mapping, context_lens, tables = self.dev32.split([max_bs, max_bs, width * max_bs])
         block_tables = tables.view(max_bs, width)
         self.outputs = torch.zeros(max_bs, hidden_size, dtype=dtype, device=device)
@@ -54,15 +61,19 @@ class CUDAGraphRunner:
     def can_run(self, step: StepInput) -> bool:
         return not step.is_prefill and step.cascade is None and step.num_tokens <= self.max_bs
 
-    def replay(self, step: StepInput) -> torch.Tensor:
-        """[num_seqs, hidden_size]: the decode forward of `step`. Reusing the staging buffers is
-        safe: the previous step's copy finished before its sampled tokens reached the host (on
-        workers: before the collective rank 0 waited on)."""
+    def replay(self, step: StepInput, prev_sampled: torch.Tensor | None = None) -> torch.Tensor:
+        """[num_seqs, hidden_size]: the decode forward of `step`. `prev_sampled`: the previous
+        step's sampled token ids when `step` has placeholders."""
         bs, max_bs = step.num_tokens, self.max_bs
         graph_bs = next(size for size in self.sizes if size >= bs)
-        host64, host32 = self.host64.numpy(), self.host32.numpy()
+        pinned64, pinned32 = self.staging[self.turn]
+        self.copied[self.turn].synchronize()  # the copy that last read this set has run
+        host64, host32 = pinned64.numpy(), pinned32.numpy()
         host64[:bs] = step.input_ids
         host64[max_bs:max_bs + bs] = step.positions
+        num_prev = len(step.prev_sampled_rows)
+        host64[2 * max_bs:2 * max_bs + num_prev] = step.prev_sampled_rows
+        host64[3 * max_bs:3 * max_bs + num_prev] = step.prev_sampled_indices
         host32[:graph_bs] = PAD_SLOT_ID  # padded rows store nothing ...
         host32[:bs] = step.slot_mapping
         host32[max_bs:max_bs + graph_bs] = 0  # ... and attend over nothing
@@ -70,8 +81,12 @@ class CUDAGraphRunner:
         tables = host32[2 * max_bs:].reshape(max_bs, self.width)
         for row, table in enumerate(step.block_tables):
             tables[row, :len(table)] = table
-        self.dev64.copy_(self.host64, non_blocking=True)
-        self.dev32.copy_(self.host32, non_blocking=True)
+        self.dev64.copy_(pinned64, non_blocking=True)
+        self.dev32.copy_(pinned32, non_blocking=True)
+        self.copied[self.turn].record()
+        self.turn = 1 - self.turn
+        if num_prev:
+            scatter_prev_sampled(self.input_ids, self.prev_rows[:num_prev], self.prev_indices[:num_prev], prev_sampled)
         self.graphs[graph_bs].replay()
         return self.outputs[:bs]
 

@@ -1,8 +1,10 @@
 """The executor: rank 0's ModelRunner in this process, ranks 1..N-1 in spawned processes.
 
 Each step, rank 0 turns the scheduled sequences into one `StepInput` (host lists), writes it to
-shared memory (one pickle) and rings each worker's doorbell (one byte down its own pipe), runs its
-own shard and samples. Only the step's inputs travel: what sampling needs of the sequences (and the targets
+shared memory (one pickle, into the half of the buffer the previous step did not use) and rings
+each worker's doorbell (one byte down its own pipe: which half), runs its own shard and samples.
+Two halves, because with async scheduling rank 0 writes step N+1 while a worker may still be
+reading step N; it has read step N-1, whose collectives rank 0 waited for. Only the step's inputs travel: what sampling needs of the sequences (and the targets
 of prompt logprobs) stays on rank 0. The engine's ranks form their own group (utils/parallel.py), over a store of their own.
 
 Faults end in errors, never hangs. A worker that died breaks its doorbell pipe and closes its
@@ -21,37 +23,40 @@ import pickle
 import signal
 import time
 import uuid
+from collections.abc import Mapping
 from multiprocessing.connection import Connection, wait
 from multiprocessing.process import BaseProcess
 from multiprocessing.shared_memory import SharedMemory
 
 from nanovllm.config import Config
-from nanovllm.sample.sampler import SampledTokens
 from nanovllm.utils.parallel import SINGLE_RANK, connect_store, create_store, join_group, ranks_ready
+from nanovllm.worker.async_output import AsyncSampledTokens
 from nanovllm.worker.cascade import cascade_policy
 from nanovllm.worker.inputs import ScheduledSequence, StepInput, prepare_step, prompt_logprobs_targets
 from nanovllm.worker.model_runner import ModelRunner
 
 logger = logging.getLogger(__name__)
 
-SHM_SIZE = 1 << 24  # bytes of the rank-0 -> workers step buffer
+SHM_SIZE = 1 << 24  # bytes of each half of the rank-0 -> workers step buffer
 WORKER_JOIN_TIMEOUT_S = 10  # a worker asked to leave that is still there after this is terminated
 WORKER_EXIT_GRACE_S = 2.0  # after a failed step, how long a crashing worker gets to exit (to be named)
 _POLL_S = 0.05
 _LEN_BYTES = 4
 
 
-def _write(shm: SharedMemory, step: StepInput):
+def _write(shm: SharedMemory, half: int, step: StepInput):
     data = pickle.dumps(step, protocol=pickle.HIGHEST_PROTOCOL)
     if _LEN_BYTES + len(data) > SHM_SIZE:
         raise RuntimeError(f"step input of {len(data)} bytes exceeds the {SHM_SIZE}-byte worker channel")
-    shm.buf[:_LEN_BYTES] = len(data).to_bytes(_LEN_BYTES, "little")
-    shm.buf[_LEN_BYTES:_LEN_BYTES + len(data)] = data
+    start = half * SHM_SIZE
+    shm.buf[start:start + _LEN_BYTES] = len(data).to_bytes(_LEN_BYTES, "little")
+    shm.buf[start + _LEN_BYTES:start + _LEN_BYTES + len(data)] = data
 
 
-def _read(shm: SharedMemory) -> StepInput:
-    size = int.from_bytes(shm.buf[:_LEN_BYTES], "little")
-    return pickle.loads(shm.buf[_LEN_BYTES:_LEN_BYTES + size])
+def _read(shm: SharedMemory, half: int) -> StepInput:
+    start = half * SHM_SIZE
+    size = int.from_bytes(shm.buf[start:start + _LEN_BYTES], "little")
+    return pickle.loads(shm.buf[start + _LEN_BYTES:start + _LEN_BYTES + size])
 
 
 def _worker_main(config: Config, rank: int, port: int, shm_name: str, doorbell: Connection):
@@ -64,10 +69,10 @@ def _worker_main(config: Config, rank: int, port: int, shm_name: str, doorbell: 
     try:
         while True:
             try:
-                doorbell.recv_bytes()
+                half = doorbell.recv_bytes()[0]
             except EOFError:  # rank 0 shut down or died
                 return
-            runner.execute_model(_read(shm))
+            runner.execute_model(_read(shm, half))
     finally:
         shm.close()
         runner.exit()
@@ -89,6 +94,7 @@ class Executor:
         self.workers: list[BaseProcess] = []
         self.doorbells: list[Connection] = []
         self.shm: SharedMemory | None = None
+        self.shm_half = 0  # the half of `shm` the next step is written to
         self.tp_group = SINGLE_RANK
         self.runner: ModelRunner | None = None
         self.failure: str | None = None  # set once a step failed: why the executor cannot go on
@@ -97,7 +103,7 @@ class Executor:
             if size > 1:
                 store = create_store(config.distributed_port, size)
                 self.shm = SharedMemory(name=f"nanovllm_{os.getpid()}_{uuid.uuid4().hex[:12]}", create=True,
-                                        size=SHM_SIZE)
+                                        size=2 * SHM_SIZE)
                 ctx = mp.get_context("spawn")
                 for rank in range(1, size):
                     receiver, sender = ctx.Pipe(duplex=False)
@@ -141,20 +147,24 @@ class Executor:
                 return f"tensor-parallel worker rank {rank} (pid {process.pid}) {_exit_status(process)}"
         return None
 
-    def execute(self, seqs: list[ScheduledSequence], is_prefill: bool) -> SampledTokens:
-        """Run one step on every rank; one sampled token per sequence that completes its prompt in
-        this step (every sequence of a decode step), in `seqs` order, and the prompt logprobs rows
-        of the sequences that need them (see worker/inputs.py). RuntimeError when a rank failed,
-        in this step or an earlier one."""
+    def execute(self, seqs: list[ScheduledSequence], is_prefill: bool,
+                prev_sampled: Mapping[int, int] | None = None) -> AsyncSampledTokens:
+        """Launch one step on every rank; one sampled token per sequence that completes its prompt
+        in this step (every sequence of a decode step), in `seqs` order, and the prompt logprobs
+        rows of the sequences that need them (see worker/inputs.py), on their way to the host.
+        `prev_sampled`: seq_id -> row in the step launched just before, for the sequences whose
+        input token is a placeholder (async scheduling). RuntimeError when a rank failed, in this
+        step or an earlier one."""
         if self.failure is not None:
             raise RuntimeError(self.failure)
-        step = prepare_step(seqs, is_prefill, self.block_size, self.cascade)
+        step = prepare_step(seqs, is_prefill, self.block_size, prev_sampled, self.cascade)
         targets = prompt_logprobs_targets(seqs) if step.prompt_logprobs_indices else None
         if self.workers:
-            _write(self.shm, step)
+            _write(self.shm, self.shm_half, step)
             try:
                 for doorbell in self.doorbells:
-                    doorbell.send_bytes(b"\1")  # BrokenPipeError: that worker is gone
+                    doorbell.send_bytes(bytes([self.shm_half]))  # BrokenPipeError: that worker is gone
+                self.shm_half = 1 - self.shm_half
                 output = self.runner.execute_model(step, targets)
             except BaseException as e:
                 self.failure = self._failure(e)

@@ -7,11 +7,17 @@ block_table[p // block_size] * block_size + p % block_size. Prefill computes tok
 step reaches its last token yields a logits row (`logits_indices`). Decode computes the last
 token of each sequence.
 
+Async scheduling: a decode row whose input token is a placeholder (sampled by the step just
+before, still on the device) has input id 0 in `input_ids`; `prev_sampled_rows` names those
+rows and `prev_sampled_indices` their rows in the previous step's sampled token ids, which the
+model runner scatters into the device's input ids (`scatter_prev_sampled`).
+
 Prompt logprobs: a prefill row at prompt position p < num_prompt_tokens - 1 of a sequence that
 asks for them gives the logprob of prompt token p + 1 (`prompt_logprobs_indices`, which every
 rank needs: the LM head gathers over them). The tokens those rows score and their k are rank 0's
 alone (`PromptLogprobsTargets`) and never travel to the workers.
 """
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import NamedTuple, Protocol
 
@@ -24,15 +30,17 @@ from nanovllm.worker.cascade import CascadePlan, CascadePolicy, plan_cascade
 
 class ScheduledSequence(Protocol):
     """What the step's inputs read of a sequence (the engine's Sequence)."""
-    token_ids: list[int]
+    seq_id: int
+    token_ids: list[int]        # the known tokens
     block_table: list[int]
     num_cached_tokens: int      # tokens whose K/V are in the cache
     num_scheduled_tokens: int   # tokens this step computes
     num_prompt_tokens: int
+    num_output_placeholders: int  # tokens sampled but still on the device
     prompt_logprobs: int | None  # k of the prompt logprobs still to compute; None: none
 
     @property
-    def num_tokens(self) -> int: ...
+    def num_tokens(self) -> int: ...  # the known tokens and the placeholders
 
     @property
     def is_prefill_complete_after_step(self) -> bool: ...  # the step reaches the last token
@@ -51,6 +59,8 @@ class StepInput:
     context_lens: list[int] = field(default_factory=list)  # decode only
     logits_indices: list[int] = field(default_factory=list)  # rows that produce a next token
     prompt_logprobs_indices: list[int] = field(default_factory=list)  # rows that score a prompt token
+    prev_sampled_rows: list[int] = field(default_factory=list)     # decode rows whose input is on the device
+    prev_sampled_indices: list[int] = field(default_factory=list)  # their rows in the previous step's samples
     cascade: CascadePlan | None = None  # decode only: shared-prefix groups (worker/cascade.py); None: plain
 
     @property
@@ -94,22 +104,32 @@ def _slots(seq: ScheduledSequence, start: int, end: int, block_size: int) -> lis
 
 
 def prepare_step(seqs: list[ScheduledSequence], is_prefill: bool, block_size: int,
-                 cascade: CascadePolicy | None = None) -> StepInput:
-    """The step's host inputs; `cascade`: the rule for shared-prefix decode steps (None: never)."""
+                 prev_sampled: Mapping[int, int] | None = None, cascade: CascadePolicy | None = None) -> StepInput:
+    """`prev_sampled`: seq_id -> row of the previous step's sampled tokens, for every decode
+    sequence whose input token is a placeholder (async scheduling; prefill steps have none).
+    `cascade`: the rule for shared-prefix decode steps (None: never)."""
     if not is_prefill:
-        block_tables, context_lens = [seq.block_table for seq in seqs], [seq.num_tokens for seq in seqs]
-        return StepInput(
-            is_prefill=False,
-            input_ids=[seq.token_ids[-1] for seq in seqs],
-            positions=[seq.num_tokens - 1 for seq in seqs],
-            slot_mapping=[_slots(seq, seq.num_tokens - 1, seq.num_tokens, block_size)[0] for seq in seqs],
-            block_tables=block_tables,
-            context_lens=context_lens,
-            logits_indices=list(range(len(seqs))),
-            cascade=plan_cascade(block_tables, context_lens, block_size, cascade) if cascade else None)
+        step = StepInput(is_prefill=False, input_ids=[], positions=[], slot_mapping=[],
+                         block_tables=[seq.block_table for seq in seqs], logits_indices=list(range(len(seqs))))
+        for row, seq in enumerate(seqs):
+            num_tokens = seq.num_tokens
+            position = num_tokens - 1
+            if seq.num_output_placeholders:
+                step.input_ids.append(0)
+                step.prev_sampled_rows.append(row)
+                step.prev_sampled_indices.append(prev_sampled[seq.seq_id])
+            else:
+                step.input_ids.append(seq.token_ids[-1])
+            step.positions.append(position)
+            step.slot_mapping.append(seq.block_table[position // block_size] * block_size + position % block_size)
+            step.context_lens.append(num_tokens)
+        if cascade is not None:
+            step.cascade = plan_cascade(step.block_tables, step.context_lens, block_size, cascade)
+        return step
     step = StepInput(is_prefill=True, input_ids=[], positions=[], slot_mapping=[], block_tables=None,
                      cu_seqlens_q=[0], cu_seqlens_k=[0])
     for seq in seqs:
+        assert not seq.num_output_placeholders, "a prefill reads known tokens only"
         start, end = seq.num_cached_tokens, seq.num_cached_tokens + seq.num_scheduled_tokens
         step.input_ids.extend(seq.token_ids[start:end])
         step.positions.extend(range(start, end))
@@ -124,6 +144,13 @@ def prepare_step(seqs: list[ScheduledSequence], is_prefill: bool, block_size: in
     if any(seq.num_cached_tokens for seq in seqs):  # attend over cached prefixes too
         step.block_tables = [seq.block_table for seq in seqs]
     return step
+
+
+def scatter_prev_sampled(input_ids: torch.Tensor, rows: torch.Tensor, indices: torch.Tensor,
+                         prev_sampled: torch.Tensor):
+    """input_ids[rows] = prev_sampled[indices] on the device, without a sync: the placeholders'
+    values. input_ids: [num_tokens] int64; rows, indices: [num_placeholders] int64; prev_sampled: [n]."""
+    input_ids.index_copy_(0, rows, prev_sampled.index_select(0, indices))
 
 
 def upload_ints(device: torch.device, *arrays: list[int]) -> list[torch.Tensor]:
@@ -160,12 +187,17 @@ def _cascade_lists(step: StepInput) -> list[list[int]]:
             [n - p for n, p in zip(step.context_lens, seq_prefix_lens)]]
 
 
-def eager_inputs(step: StepInput, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata]:
-    """(input_ids, positions, attention metadata) of an eager forward, in one upload."""
+def eager_inputs(step: StepInput, device: torch.device, prev_sampled: torch.Tensor | None = None
+                 ) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata]:
+    """(input_ids, positions, attention metadata) of an eager forward, in one upload.
+    `prev_sampled`: the previous step's sampled token ids when the step has placeholders."""
     if step.cascade is not None:
         groups = step.cascade.groups
-        input_ids, positions, slot_mapping, *cascade = upload_ints(
-            device, step.input_ids, step.positions, step.slot_mapping, *_cascade_lists(step))
+        input_ids, positions, slot_mapping, rows, indices, *cascade = upload_ints(
+            device, step.input_ids, step.positions, step.slot_mapping, step.prev_sampled_rows,
+            step.prev_sampled_indices, *_cascade_lists(step))
+        if step.prev_sampled_rows:
+            scatter_prev_sampled(input_ids, rows, indices, prev_sampled)
         cascade = [t.int() for t in cascade]
         cascade[0], cascade[5] = cascade[0].view(len(groups), -1), cascade[5].view(step.num_tokens, -1)
         meta = AttentionMetadata(is_prefill=False, slot_mapping=slot_mapping.int(), cascade=CascadeMetadata(
@@ -174,8 +206,11 @@ def eager_inputs(step: StepInput, device: torch.device) -> tuple[torch.Tensor, t
         return input_ids, positions, meta
     lengths = (step.cu_seqlens_q, step.cu_seqlens_k) if step.is_prefill else (step.context_lens,)
     tables = padded_tables(step.block_tables) if step.block_tables else []
-    input_ids, positions, slot_mapping, flat_tables, *lens = upload_ints(
-        device, step.input_ids, step.positions, step.slot_mapping, tables, *lengths)
+    input_ids, positions, slot_mapping, flat_tables, rows, indices, *lens = upload_ints(
+        device, step.input_ids, step.positions, step.slot_mapping, tables, step.prev_sampled_rows,
+        step.prev_sampled_indices, *lengths)
+    if step.prev_sampled_rows:
+        scatter_prev_sampled(input_ids, rows, indices, prev_sampled)
     meta = AttentionMetadata(
         is_prefill=step.is_prefill, slot_mapping=slot_mapping.int(),
         block_tables=flat_tables.int().view(len(step.block_tables), -1) if tables else None)

@@ -10,6 +10,10 @@ built and during each forward.
 
 Prompt logprobs rows go through the LM head PROMPT_LOGPROBS_CHUNK rows at a time, keeping only
 each row's target and top-k, so a long prompt never has all its [num_rows, vocab_size] logits.
+
+Async scheduling: the sampled token ids of the last step stay on the device (rank 0 keeps them;
+a step with placeholders broadcasts them to the other ranks first), and the next step's
+placeholder rows read their input ids from them; `sample` returns the host copy still under way.
 """
 import logging
 from typing import NamedTuple
@@ -23,8 +27,9 @@ from nanovllm.models import get_model_class
 from nanovllm.models.loader import load_dummy_weights, load_model
 from nanovllm.sample.logprobs import LogprobsLists, LogprobsTensors, token_logprobs
 from nanovllm.sample.metadata import SamplingSequence
-from nanovllm.sample.sampler import SampledTokens, Sampler
+from nanovllm.sample.sampler import Sampler
 from nanovllm.utils.parallel import TensorParallelGroup, tensor_parallel_group
+from nanovllm.worker.async_output import AsyncSampledTokens
 from nanovllm.worker.cuda_graph import CUDAGraphRunner
 from nanovllm.worker.inputs import PromptLogprobsTargets, StepInput, eager_inputs, upload_ints
 
@@ -51,6 +56,8 @@ class ModelRunner:
         self.device = torch.device("cuda", self.rank) if config.device_type == "cuda" else torch.device("cpu")
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device)
+        self.prev_sampled: torch.Tensor | None = None  # rank 0: the last step's sampled token ids
+        self.num_prev_logits = 0  # the last step's logits rows (how many tokens it sampled)
         with tensor_parallel_group(tp_group):
             self._build(config)
         tp_group.barrier(self.device)
@@ -169,10 +176,12 @@ class ModelRunner:
         """The forward of `step` (every rank) and its logits rows. `prompt_targets`: rank 0's
         targets of `step.prompt_logprobs_indices` (None on the other ranks)."""
         with tensor_parallel_group(self.tp_group):
+            prev_sampled = self._prev_sampled(step)
+            self.num_prev_logits = len(step.logits_indices)
             if self.graph_runner is not None and self.graph_runner.can_run(step):
-                hidden_states = self.graph_runner.replay(step)
+                hidden_states = self.graph_runner.replay(step, prev_sampled)
             else:
-                input_ids, positions, meta = eager_inputs(step, self.device)
+                input_ids, positions, meta = eager_inputs(step, self.device, prev_sampled)
                 with forward_context(meta):
                     hidden_states = self.model(input_ids, positions)
             prompt_logprobs = None
@@ -183,6 +192,17 @@ class ModelRunner:
             if step.is_prefill:
                 hidden_states = hidden_states[upload_ints(self.device, step.logits_indices)[0]]
             return ModelOutput(self.model.compute_logits(hidden_states), prompt_logprobs)
+
+    def _prev_sampled(self, step: StepInput) -> torch.Tensor | None:
+        """[num_prev_logits] int64 on this rank's device: the previous step's sampled token ids,
+        when `step` has placeholder rows (every rank decides alike: they all see `step`)."""
+        if not step.prev_sampled_rows:
+            return None
+        if self.rank == 0:
+            assert self.prev_sampled is not None and len(self.prev_sampled) == self.num_prev_logits, \
+                "placeholders refer to the step just before"
+            return self.tp_group.broadcast(self.prev_sampled)
+        return self.tp_group.broadcast(torch.empty(self.num_prev_logits, dtype=torch.int64, device=self.device))
 
     def _prompt_logprobs(self, hidden_states: torch.Tensor, indices: list[int],
                          targets: PromptLogprobsTargets | None) -> LogprobsLists | None:
@@ -199,8 +219,13 @@ class ModelRunner:
         return LogprobsTensors.cat(parts).tolist() if parts else None
 
     @torch.inference_mode()
-    def sample(self, output: ModelOutput, seqs: list[SamplingSequence]) -> SampledTokens:
-        """Rank 0: one token per logits row (row i for seqs[i]), on the host, with the step's
-        prompt logprobs."""
-        sampled = SampledTokens([]) if output.logits is None else self.sampler(output.logits, seqs).tolist()
-        return sampled._replace(prompt_logprobs=output.prompt_logprobs)
+    def sample(self, output: ModelOutput, seqs: list[SamplingSequence]) -> AsyncSampledTokens:
+        """Rank 0: one token per logits row (row i for seqs[i]), with the step's prompt logprobs;
+        their copy to the host is under way (no wait here). Keeps the token ids on the device
+        for the next step's placeholders."""
+        if output.logits is None:
+            self.prev_sampled = None
+            return AsyncSampledTokens(None, output.prompt_logprobs, self.device)
+        sampled = self.sampler(output.logits, seqs)
+        self.prev_sampled = sampled.token_ids
+        return AsyncSampledTokens(sampled, output.prompt_logprobs, self.device)
