@@ -12,10 +12,13 @@ import argparse
 import json
 import os
 import shutil
+import sys
 import tempfile
 from random import randint, seed
 
 import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # bench.py
 
 from nanovllm import LLM
 from nanovllm.engine.sequence import Sequence
