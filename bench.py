@@ -8,8 +8,8 @@
     python bench.py --quantization fp8           # FP8 weights (random weights: quantized at load time)
     python bench.py --attention-backend triton --kv-cache-dtype fp8 --block-size 16   # the KV path
     python bench.py --data-parallel-size 2       # two replicas on Ray (the `ray` extra)
-    python bench.py --workload shared-prefix [--no-cascade]   # cascade attention (shared prefixes)
-    python bench.py --workload n-samples [--no-cascade]
+    python bench.py --workload shared-prefix [--cascade]   # shared prefixes, [with cascade attention]
+    python bench.py --workload n-samples [--cascade]
     python bench.py --no-async-scheduling        # the synchronous loop (host work not overlapped)
 
 Default workload: random.seed(0); 256 sequences; prompt i is randint(100, 1024) random token ids
@@ -116,7 +116,7 @@ def parse_args(argv: list[str] | None = None):
                         help="also run the workload with a mix of greedy, top-k/top-p and penalised requests")
     parser.add_argument("--workload", default="default", choices=["default", *SHARED_WORKLOADS],
                         help="a shared-prefix workload: decode tok/s and its floor (see above)")
-    parser.add_argument("--no-cascade", action="store_true", help="enable_cascade_attention=False")
+    parser.add_argument("--cascade", action="store_true", help="enable_cascade_attention=True")
     parser.add_argument("--bandwidth-tbs", type=float, default=4.25,
                         help="HBM bandwidth for the floor of --workload (H200, docs/PERF.md's copy ceiling)")
     args = parser.parse_args(argv)
@@ -133,7 +133,7 @@ def make_llm(args, folder: str) -> LLM:
                    attention_backend=args.attention_backend, block_size=args.block_size,
                    kv_cache_dtype=args.kv_cache_dtype, data_parallel_size=args.data_parallel_size,
                    data_parallel_backend=args.data_parallel_backend,
-                   enable_cascade_attention=not args.no_cascade,
+                   enable_cascade_attention=args.cascade,
                    async_scheduling=False if args.no_async_scheduling else None)
     if args.model is None:
         with open(os.path.join(folder, "config.json"), "w") as f:
@@ -243,7 +243,7 @@ def shared_throughput(llm: LLM, args):
     finally:
         scheduler.schedule = schedule
     num_decode = sum(1 for s in steps if not s[0])
-    cascade = "off" if args.no_cascade else "on"
+    cascade = "on" if args.cascade else "off"
     print(f"[{args.workload}, cascade {cascade}] decode: {decode_tokens}tok in {num_decode} steps, {decode_s:.2f}s, "
           f"{decode_tokens / decode_s:.0f}tok/s, {1000 * decode_s / num_decode:.2f}ms/step; floor {floor_s:.2f}s "
           f"({100 * floor_s / decode_s:.0f}% of it); prefill {prefill_s:.2f}s")

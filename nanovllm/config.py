@@ -38,8 +38,10 @@ class Config:
     kv_cache_dtype: str = "auto"
     enable_prefix_caching: bool = True
     # decode reads KV blocks shared by several sequences once per group (worker/cascade.py), where the
-    # attention backend can (Triton, torch); the flash-attn backend keeps the plain path
-    enable_cascade_attention: bool = True
+    # attention backend can (Triton, torch); the flash-attn backend keeps the plain path. Off by default:
+    # cascade steps run eagerly, and with async scheduling they measured slower than the plain path
+    # (docs/CASCADE.md)
+    enable_cascade_attention: bool = False
     num_gpu_blocks_override: int | None = None
     cpu_kvcache_space_gib: float = 1.0  # KV cache budget when running on the CPU
     dtype: str | torch.dtype = "auto"

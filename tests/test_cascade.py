@@ -70,7 +70,7 @@ def test_cost_rule_thresholds():
 def test_policy_follows_config_and_backend(qwen3_tied):
     from nanovllm.config import Config
     from nanovllm.worker.cascade import cascade_policy
-    policy = cascade_policy(Config(qwen3_tied, **ENGINE_ARGS))
+    policy = cascade_policy(Config(qwen3_tied, enable_cascade_attention=True, **ENGINE_ARGS))
     assert policy == CascadePolicy(cascade_module.MIN_GROUP_SAVED_BLOCKS * 16, 0)  # CPU: no graphs to lose
     assert cascade_policy(Config(qwen3_tied, enable_cascade_attention=False, **ENGINE_ARGS)) is None
     with pytest.raises(ValueError, match="enable_cascade_attention must be a bool, got 'yes'"):
@@ -161,7 +161,7 @@ def cascade_plans(monkeypatch) -> list:
                          ids=["roomy", "preempting"])
 def test_cpu_engine_same_tokens_with_and_without_cascade(qwen3_tied, cascade_plans, options):
     prompts, params = _workload()
-    on, preempted = _generate(qwen3_tied, prompts, params, **options)
+    on, preempted = _generate(qwen3_tied, prompts, params, enable_cascade_attention=True, **options)
     used = [p for p in cascade_plans if p is not None]
     assert used, "cascade never ran"
     if options:
@@ -178,7 +178,7 @@ def test_cpu_engine_n_samples_share_their_prompt(qwen3_tied, cascade_plans):
     rng = random.Random(1)
     prompts = [[rng.randint(10, 3000) for _ in range(n)] for n in (50, 90, 20)]
     params = SamplingParams(n=4, temperature=0.8, seed=5, max_tokens=12, ignore_eos=True)
-    on, _ = _generate(qwen3_tied, prompts, params)
+    on, _ = _generate(qwen3_tied, prompts, params, enable_cascade_attention=True)
     assert any(p is not None and max(len(g.rows) for g in p.groups) >= 4 for p in cascade_plans)
     off, _ = _generate(qwen3_tied, prompts, params, enable_cascade_attention=False)
     assert on == off
@@ -199,7 +199,7 @@ def test_gpu_engine_same_tokens_with_and_without_cascade(tmp_path, monkeypatch, 
     prompts, params = _workload(scale=8)
     options = dict(attention_backend="triton", dtype="bfloat16", enforce_eager=eager, device="cuda",
                    cpu_kvcache_space_gib=1.0, max_model_len=2048)
-    on, _ = _generate(path, prompts, params, **options)
+    on, _ = _generate(path, prompts, params, enable_cascade_attention=True, **options)
     assert any(p is not None for p in cascade_plans)
     off, _ = _generate(path, prompts, params, enable_cascade_attention=False, **options)
     from transformers import AutoModelForCausalLM
