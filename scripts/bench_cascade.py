@@ -12,31 +12,23 @@ pass's tile config and split count, each checked against the plain output.
 """
 import argparse
 import itertools
+import os
+import sys
 
 import torch
 import triton
 
-from nanovllm.attention import CascadeMetadata
-from nanovllm.attention.triton_cascade import PREFIX_CONFIGS, cascade_decode
-from nanovllm.attention.triton_decode import paged_decode
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from bench_attention import graph_us, median_us  # noqa: E402
+from nanovllm.attention import CascadeMetadata  # noqa: E402
+from nanovllm.attention.triton_cascade import PREFIX_CONFIGS, cascade_decode  # noqa: E402
+from nanovllm.attention.triton_decode import paged_decode  # noqa: E402
 
 NUM_HEADS, KV_HEADS, HEAD_DIM = 16, 8, 128
 OWN_MIN, OWN_MAX = 32, 256
 PREFIX_SWEEP = [(64, 64, 4, 3), (128, 64, 8, 3), (128, 32, 4, 3), (64, 32, 4, 4), (32, 64, 4, 3), (128, 64, 4, 2)]
 SPLIT_SWEEP = [1, 2, 4, 8]
 DEVICE = torch.device("cuda")
-
-
-def median_us(fn) -> float:
-    return triton.testing.do_bench(fn, warmup=10, rep=50, return_mode="median") * 1e3
-
-
-def graph_us(fn) -> tuple[float, torch.Tensor]:
-    fn()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        out = fn()
-    return median_us(graph.replay), out
 
 
 def inputs(num_seqs: int, prefix: int, groups: int, block_size: int, g: torch.Generator):

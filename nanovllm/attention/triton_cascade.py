@@ -21,7 +21,7 @@ import triton.language as tl
 from nanovllm.attention.kv_store import FP8_DTYPE
 from nanovllm.attention.metadata import CascadeMetadata
 from nanovllm.attention.triton_decode import (DECODE_CONFIGS, FP8_DECODE_CONFIGS, LOG2E, MIN_GROUP_ROWS,
-                                              SPLIT_PROGRAMS_PER_SM, _decode_kernel, cache_rows,
+                                              SPLIT_PROGRAMS_PER_SM, _decode_kernel, attend_tiles,
                                               check_attention_inputs, decode_splits, dot_precision, num_sms)
 
 # Prefix pass tunables per head_dim: BLOCK_M (query rows per program), BLOCK_N (keys per tile), num_warps,
@@ -51,7 +51,6 @@ def _prefix_kernel(q_ptr, q_stride_s, q_stride_h, k_cache_ptr, v_cache_ptr, k_sc
 
     i = tl.arange(0, BLOCK_M)
     d = tl.arange(0, HEAD_DIM)
-    n = tl.arange(0, BLOCK_N)
     member = i // GROUP  # query row i: head i % GROUP of the tile's member-th sequence
     heads = kv_head * GROUP + i % GROUP
     row_ok = (member < SEQS_PER_TILE) & (first + member < group_end)
@@ -60,32 +59,9 @@ def _prefix_kernel(q_ptr, q_stride_s, q_stride_h, k_cache_ptr, v_cache_ptr, k_sc
                 mask=row_ok[:, None], other=0.0)  # [BLOCK_M, HEAD_DIM]
     if FP16_DOT:  # an FP8 cache: e4m3 -> fp16 is one instruction, e4m3 -> bf16 is not
         q = q.to(tl.float16)
-    m = tl.full([BLOCK_M], float("-inf"), tl.float32)
-    l = tl.zeros([BLOCK_M], tl.float32)
-    acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
     table_row = prefix_tables_ptr + group_id.to(tl.int64) * table_stride
-    for key_tile in range(start, end, BLOCK_N):
-        rows = cache_rows(table_row, key_tile, prefix_len, PAGE, BLOCK_N)  # [BLOCK_N]
-        valid = key_tile + n < end
-        offsets = rows[:, None] * (KV_HEADS * HEAD_DIM) + kv_head * HEAD_DIM + d[None, :]
-        k = tl.load(k_cache_ptr + offsets, mask=valid[:, None], other=0.0)  # [BLOCK_N, HEAD_DIM]
-        v = tl.load(v_cache_ptr + offsets, mask=valid[:, None], other=0.0)
-        s = tl.dot(q, tl.trans(k.to(q.dtype)), input_precision=PRECISION)  # [BLOCK_M, BLOCK_N]
-        if FP8:
-            k_scale = tl.load(k_scales_ptr + rows * KV_HEADS + kv_head, mask=valid, other=0.0)
-            s = s * (k_scale * qk_scale)[None, :]
-        else:
-            s = s * qk_scale
-        s = tl.where(valid[None, :], s, float("-inf"))
-        m_new = tl.maximum(m, tl.max(s, axis=1))
-        alpha = tl.exp2(m - m_new)
-        p = tl.exp2(s - m_new[:, None])
-        l = l * alpha + tl.sum(p, axis=1)
-        if FP8:
-            v_scale = tl.load(v_scales_ptr + rows * KV_HEADS + kv_head, mask=valid, other=0.0)
-            p = p * v_scale[None, :]
-        acc = acc * alpha[:, None] + tl.dot(p.to(q.dtype), v.to(q.dtype), input_precision=PRECISION)
-        m = m_new
+    m, l, acc = attend_tiles(q, table_row, start, end, k_cache_ptr, v_cache_ptr, k_scales_ptr, v_scales_ptr, kv_head,
+                             qk_scale, BLOCK_M, KV_HEADS, HEAD_DIM, PAGE, BLOCK_N, FP8, PRECISION)
 
     out = acc / tl.where(l == 0.0, 1.0, l)[:, None]
     part = (seqs * (KV_HEADS * GROUP) + heads) * num_splits + split  # workspace [num_seqs, num_heads, splits]

@@ -66,37 +66,26 @@ def cache_rows(table_row_ptr, start, length, PAGE: tl.constexpr, BLOCK_N: tl.con
     return rows
 
 
-# The block-table width and split length vary with the batch: runtime values, so no step compiles a variant.
-@triton.jit(do_not_specialize=["table_stride", "split_len"])
-def _decode_kernel(q_ptr, q_stride_s, q_stride_h, k_cache_ptr, v_cache_ptr, k_scales_ptr, v_scales_ptr,
-                   block_tables_ptr, table_stride, context_lens_ptr, out_ptr, part_out_ptr, part_lse_ptr, qk_scale,
-                   split_len, KV_HEADS: tl.constexpr, GROUP: tl.constexpr, GROUP_PAD: tl.constexpr,
-                   HEAD_DIM: tl.constexpr, PAGE: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT: tl.constexpr,
-                   FP8: tl.constexpr, FP16_DOT: tl.constexpr, PRECISION: tl.constexpr):
-    kv_head, seq, split = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    context_len = tl.load(context_lens_ptr + seq)
-    start = split * split_len  # split_len: keys per split, a multiple of BLOCK_N
-    end = tl.minimum(start + split_len, context_len)  # <= start: nothing to do
-
-    g = tl.arange(0, GROUP_PAD)
-    d = tl.arange(0, HEAD_DIM)
+@triton.jit
+def attend_tiles(q, table_row_ptr, start, end, k_cache_ptr, v_cache_ptr, k_scales_ptr, v_scales_ptr, kv_head,
+                 qk_scale, ROWS: tl.constexpr, KV_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, PAGE: tl.constexpr,
+                 BLOCK_N: tl.constexpr, FP8: tl.constexpr, PRECISION: tl.constexpr):
+    """Online softmax (float32, base 2) of the query rows q [ROWS, HEAD_DIM] over one kv head's keys
+    start..end-1, found through the block-table row (start a multiple of BLOCK_N). Returns (m, l, acc):
+    the running max [ROWS], the normalizer [ROWS] and the unnormalized output [ROWS, HEAD_DIM];
+    -inf, 0 and zeros for an empty range."""
     n = tl.arange(0, BLOCK_N)
-    heads = kv_head * GROUP + g  # query heads packed as rows, padded with zero rows
-    q = tl.load(q_ptr + seq * q_stride_s + heads[:, None] * q_stride_h + d[None, :],
-                mask=(g < GROUP)[:, None], other=0.0)  # [GROUP_PAD, HEAD_DIM]
-    if FP16_DOT:  # e4m3 -> fp16 is one instruction on sm_89+, e4m3 -> bf16 is not: dot in fp16
-        q = q.to(tl.float16)
-    m = tl.full([GROUP_PAD], float("-inf"), tl.float32)
-    l = tl.zeros([GROUP_PAD], tl.float32)
-    acc = tl.zeros([GROUP_PAD, HEAD_DIM], tl.float32)
-    table_row = block_tables_ptr + seq.to(tl.int64) * table_stride
+    d = tl.arange(0, HEAD_DIM)
+    m = tl.full([ROWS], float("-inf"), tl.float32)
+    l = tl.zeros([ROWS], tl.float32)
+    acc = tl.zeros([ROWS, HEAD_DIM], tl.float32)
     for tile in range(start, end, BLOCK_N):
-        rows = cache_rows(table_row, tile, context_len, PAGE, BLOCK_N)  # [BLOCK_N]
-        valid = tile + n < context_len
+        rows = cache_rows(table_row_ptr, tile, end, PAGE, BLOCK_N)  # [BLOCK_N]
+        valid = tile + n < end
         offsets = rows[:, None] * (KV_HEADS * HEAD_DIM) + kv_head * HEAD_DIM + d[None, :]
         k = tl.load(k_cache_ptr + offsets, mask=valid[:, None], other=0.0)  # [BLOCK_N, HEAD_DIM]
         v = tl.load(v_cache_ptr + offsets, mask=valid[:, None], other=0.0)
-        s = tl.dot(q, tl.trans(k.to(q.dtype)), input_precision=PRECISION)  # [GROUP_PAD, BLOCK_N]
+        s = tl.dot(q, tl.trans(k.to(q.dtype)), input_precision=PRECISION)  # [ROWS, BLOCK_N]
         if FP8:  # s = (q . k_fp8) * k_scale, column by column
             k_scale = tl.load(k_scales_ptr + rows * KV_HEADS + kv_head, mask=valid, other=0.0)
             s = s * (k_scale * qk_scale)[None, :]
@@ -112,6 +101,31 @@ def _decode_kernel(q_ptr, q_stride_s, q_stride_h, k_cache_ptr, v_cache_ptr, k_sc
             p = p * v_scale[None, :]
         acc = acc * alpha[:, None] + tl.dot(p.to(q.dtype), v.to(q.dtype), input_precision=PRECISION)
         m = m_new
+    return m, l, acc
+
+
+# The block-table width and split length vary with the batch: runtime values, so no step compiles a variant.
+@triton.jit(do_not_specialize=["table_stride", "split_len"])
+def _decode_kernel(q_ptr, q_stride_s, q_stride_h, k_cache_ptr, v_cache_ptr, k_scales_ptr, v_scales_ptr,
+                   block_tables_ptr, table_stride, context_lens_ptr, out_ptr, part_out_ptr, part_lse_ptr, qk_scale,
+                   split_len, KV_HEADS: tl.constexpr, GROUP: tl.constexpr, GROUP_PAD: tl.constexpr,
+                   HEAD_DIM: tl.constexpr, PAGE: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT: tl.constexpr,
+                   FP8: tl.constexpr, FP16_DOT: tl.constexpr, PRECISION: tl.constexpr):
+    kv_head, seq, split = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    context_len = tl.load(context_lens_ptr + seq)
+    start = split * split_len  # split_len: keys per split, a multiple of BLOCK_N
+    end = tl.minimum(start + split_len, context_len)  # <= start: nothing to do
+
+    g = tl.arange(0, GROUP_PAD)
+    d = tl.arange(0, HEAD_DIM)
+    heads = kv_head * GROUP + g  # query heads packed as rows, padded with zero rows
+    q = tl.load(q_ptr + seq * q_stride_s + heads[:, None] * q_stride_h + d[None, :],
+                mask=(g < GROUP)[:, None], other=0.0)  # [GROUP_PAD, HEAD_DIM]
+    if FP16_DOT:  # e4m3 -> fp16 is one instruction on sm_89+, e4m3 -> bf16 is not: dot in fp16
+        q = q.to(tl.float16)
+    table_row = block_tables_ptr + seq.to(tl.int64) * table_stride
+    m, l, acc = attend_tiles(q, table_row, start, end, k_cache_ptr, v_cache_ptr, k_scales_ptr, v_scales_ptr, kv_head,
+                             qk_scale, GROUP_PAD, KV_HEADS, HEAD_DIM, PAGE, BLOCK_N, FP8, PRECISION)
 
     out = acc / tl.where(l == 0.0, 1.0, l)[:, None]  # an empty split (or context 0) gives zeros
     head_mask = (g < GROUP)[:, None]
