@@ -18,21 +18,7 @@ from nanovllm.engine.scheduler import Scheduler
 from nanovllm.engine.sequence import Sequence
 from nanovllm.sampling_params import SamplingParams
 from nanovllm.worker.inputs import prepare_step
-from test_scheduler import fake_token, make_seq
-
-
-def reference(prompt, params: SamplingParams, max_model_len: int, eos=frozenset()):
-    """What the scheduler must produce for one request, computed without it."""
-    tokens = list(prompt)
-    while True:
-        t = fake_token(tokens)
-        tokens.append(t)
-        if not params.ignore_eos and t in eos:
-            return tokens[len(prompt):], "stop"
-        if params.stop_token_ids and t in params.stop_token_ids:
-            return tokens[len(prompt):], "stop"
-        if len(tokens) - len(prompt) >= params.max_tokens or len(tokens) >= max_model_len:
-            return tokens[len(prompt):], "length"
+from test_scheduler import fake_token, make_seq, reference
 
 
 class FakeDevice:

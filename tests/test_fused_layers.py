@@ -15,6 +15,7 @@ from nanovllm.attention.kv_store import PAD_SLOT_ID, store_kvcache_torch
 from nanovllm.layers import activation, layernorm, qk_norm_rope
 from nanovllm.layers.qk_norm_rope import QKNorm, QKVHeads, qk_norm_rope_store, qk_norm_rope_torch
 from nanovllm.layers.rotary_embedding import RotaryEmbedding
+from test_gpu import hf_fp32, qwen3_gpu  # noqa: F401 (fixtures: test_gpu's tiny bf16 Qwen3)
 
 gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -53,21 +54,6 @@ def test_attention_does_not_store_what_the_caller_stored():
 
 # ---- GPU: fused against unfused, whole engine ------------------------------------------------
 
-@pytest.fixture(scope="module")
-def qwen3_gpu(tmp_path_factory):
-    """test_gpu's tiny Qwen3 in bfloat16 (head_dim 128, which flash-attn's build takes)."""
-    from fixtures.checkpoints import write_tiny_qwen3
-    return write_tiny_qwen3(tmp_path_factory.mktemp("qwen3_fused"), num_hidden_layers=4, hidden_size=512,
-                            num_attention_heads=8, num_key_value_heads=4, head_dim=128, intermediate_size=1024,
-                            dtype=torch.bfloat16, seed=3)
-
-
-@pytest.fixture(scope="module")
-def hf_fp32(qwen3_gpu):
-    from transformers import AutoModelForCausalLM
-    return AutoModelForCausalLM.from_pretrained(qwen3_gpu, dtype=torch.float32).cuda().eval()
-
-
 def _run(path: str, batch: list[list[int]], **options) -> tuple[list[list[int]], list[dict]]:
     """Greedy tokens of `batch`, and the top-20 logprobs of each prompt's first generated token."""
     from test_gpu import GREEDY
@@ -88,7 +74,7 @@ def _run(path: str, batch: list[list[int]], **options) -> tuple[list[list[int]],
                                      dict(attention_backend="triton", kv_cache_dtype="fp8"),
                                      dict(attention_backend="triton", enforce_eager=True)],
                          ids=["flash_attn", "triton", "triton_fp8", "triton_eager"])
-def test_fused_engine_close_to_unfused(qwen3_gpu, hf_fp32, options, monkeypatch):
+def test_fused_engine_close_to_unfused(qwen3_gpu, hf_fp32, options, monkeypatch):  # noqa: F811
     from test_gpu import assert_greedy_close, prompts
     if options["attention_backend"] == "flash_attn":
         pytest.importorskip("flash_attn")

@@ -26,6 +26,8 @@ def reference(prompt, params: SamplingParams, max_model_len: int, eos=NO_EOS):
         tokens.append(t)
         if not params.ignore_eos and t in eos:
             return tokens[len(prompt):], "stop"
+        if params.stop_token_ids and t in params.stop_token_ids:
+            return tokens[len(prompt):], "stop"
         if len(tokens) - len(prompt) >= params.max_tokens or len(tokens) >= max_model_len:
             return tokens[len(prompt):], "length"
 
