@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Everything the GPU machine checks, in one go: GPU tests, then benchmarks; a summary last.
-# Usage (repo root, on the GPU machine): bash scripts/gpu_check.sh [tests|bench|latency|bench8b|families|mixed|sampler|profile|tp|ray|ray2|all]...
+# Usage (repo root, on the GPU machine): bash scripts/gpu_check.sh [tests|bench|latency|bench8b|families|mixed|sampler|profile|
+#   kernels|async|cascade|fp8kv|moe|tp|ray|ray2|all]...
 # tp needs two GPUs (device kind nvidia-h200-x2); all runs tests, bench and latency. ray (Ray dp=1 vs
 # the plain engine) and ray2 (dp=2, two GPUs) need Ray importable (the `ray` extra).
 # Expects flash-attn's wheel in .gpu/ (see README), installs it into /tmp/site.
@@ -34,6 +35,20 @@ for what in "${@:-all}"; do
     ray|ray2) dp=$([ "$what" = ray2 ] && echo 2 || echo 1)
         for i in 1 2; do python3 scripts/bench_ray.py --data-parallel-size $dp 2>&1 | tee -a "$OUT/bench_$what.log"; done
         summary+=("ray dp=$dp vs plain: $(grep -E 'Throughput|/ plain' "$OUT/bench_$what.log" | tr '\n' ' ')") ;;
+    kernels) python3 scripts/count_kernels.py 2>&1 | tee -a "$OUT/kernels.log"
+               summary+=("kernels: $(grep -E 'per layer|replay' "$OUT/kernels.log" | tr '\n' ' ')") ;;
+    async) for flag in "" --no-async-scheduling; do python3 bench.py --latency $flag 2>&1 | tee -a "$OUT/async.log"; done
+               summary+=("latency async on, then off: $(grep Decode "$OUT/async.log" | tr '\n' ' ')") ;;
+    cascade) python3 scripts/bench_cascade.py 2>&1 | tee -a "$OUT/cascade.log"
+             for w in shared-prefix n-samples; do for flag in "" --cascade; do
+               python3 bench.py --workload $w $flag 2>&1 | tee -a "$OUT/cascade.log"; done; done
+             summary+=("cascade: $(grep -E 'speedup|decode:' "$OUT/cascade.log" | tr '\n' ' ')") ;;
+    fp8kv) for i in 1 2; do python3 bench.py --kv-cache-dtype fp8 2>&1 | tee -a "$OUT/fp8kv.log"; done
+           python3 scripts/kv_cache_accuracy.py 2>&1 | tee -a "$OUT/fp8kv.log"
+           summary+=("fp8 KV cache: $(grep -E 'Throughput|max abs' "$OUT/fp8kv.log" | tr '\n' ' ')") ;;
+    moe) python3 scripts/bench_moe.py 2>&1 | tee -a "$OUT/moe.log"
+         python3 bench.py --dummy-config Qwen3-30B-A3B --repeat 2 2>&1 | tee -a "$OUT/moe.log"
+         summary+=("MoE 30B-A3B: $(grep Throughput "$OUT/moe.log" | tr '\n' ' ')") ;;
     bench8b) for i in 1 2; do python3 bench.py --dummy-config Qwen3-8B 2>&1 | tee -a "$OUT/bench8b.log"; done
                summary+=("bench 8B: $(grep Throughput "$OUT/bench8b.log" | tr '\n' ' ')") ;;
   esac
