@@ -57,6 +57,8 @@ def rope_inv_freq(head_dim: int, base: float, rope_scaling: dict | None) -> torc
 
 
 class RotaryEmbedding(nn.Module):
+    """Holds the cos/sin table of every position (moved with the model); the rotation itself is
+    applied in layers/qk_norm_rope.py (`rotate_qk` on the torch path)."""
 
     def __init__(self, head_dim: int, max_position: int, base: float, rope_scaling: dict | None = None):
         super().__init__()
@@ -64,6 +66,3 @@ class RotaryEmbedding(nn.Module):
         freqs = torch.outer(torch.arange(max_position, dtype=torch.float), inv_freq)
         # [max_position, head_dim]: cos of each pair, then sin of each pair
         self.register_buffer("cos_sin_cache", torch.cat((freqs.cos(), freqs.sin()), -1), persistent=False)
-
-    def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor):
-        return rotate_qk(positions, q, k, self.cos_sin_cache)
