@@ -41,3 +41,15 @@ def test_step_input_carries_no_sequence():
     a.sampling_state = object()  # rank 0's sampler state must never travel
     data = pickle.dumps(prepare_step([a], is_prefill=False, block_size=4))
     assert b"Sequence" not in data and b"SamplingParams" not in data
+
+
+def test_uploaded_lists_keep_their_values_and_start_16_byte_aligned():
+    """Odd lengths, an empty list: every slice starts on a 16-byte boundary (Triton specializes on
+    pointer alignment, so a step whose lengths shifted a slice would compile another variant)."""
+    import torch
+
+    from nanovllm.worker.inputs import upload_ints
+    arrays = [[1, 2, 3], [], [4], [5, 6], list(range(7))]
+    slices = upload_ints(torch.device("cpu"), *arrays)
+    assert [t.tolist() for t in slices] == arrays
+    assert all(t.dtype == torch.int64 and t.data_ptr() % 16 == 0 for t in slices)

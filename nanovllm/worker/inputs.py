@@ -154,11 +154,19 @@ def scatter_prev_sampled(input_ids: torch.Tensor, rows: torch.Tensor, indices: t
 
 
 def upload_ints(device: torch.device, *arrays: list[int]) -> list[torch.Tensor]:
-    """Several int lists to the device in one host-to-device copy, as int64 slices."""
-    host = torch.from_numpy(np.concatenate([np.asarray(a, dtype=np.int64) for a in arrays]))
+    """Several int lists to the device in one host-to-device copy, as int64 slices. Each slice starts
+    16-byte aligned (lists padded to an even length): Triton compiles a kernel per pointer alignment,
+    so an unaligned slice in some steps would compile a second variant in the middle of a run."""
+    padded = [len(a) + len(a) % 2 for a in arrays]
+    host = np.zeros(sum(padded), dtype=np.int64)
+    start = 0
+    for a, size in zip(arrays, padded):
+        host[start:start + len(a)] = a
+        start += size
+    host = torch.from_numpy(host)
     if device.type == "cuda":
         host = host.pin_memory().to(device, non_blocking=True)
-    return list(host.split([len(a) for a in arrays]))
+    return [t[:len(a)] for t, a in zip(host.split(padded), arrays)]
 
 
 def padded_tables(tables: list[list[int]]) -> list[int]:

@@ -89,6 +89,8 @@ class ModelRunner:
         self.graph_runner = None  # the warm-up forward below runs eagerly
         self.num_kvcache_blocks = self._num_kvcache_blocks()
         self._allocate_kv_cache(self.num_kvcache_blocks)
+        if self.device.type == "cuda":
+            self._warmup_cached_prefill()
         if self.device.type == "cuda" and not config.enforce_eager:
             self.graph_runner = CUDAGraphRunner(self.model, config.graph_batch_sizes,
                                                 -(-config.max_model_len // self.block_size), hf_config.hidden_size,
@@ -167,6 +169,18 @@ class ModelRunner:
                          slot_mapping=[PAD_SLOT_ID] * cu[-1], block_tables=None, cu_seqlens_q=cu,
                          cu_seqlens_k=cu, logits_indices=[c - 1 for c in cu[1:]])
         self.execute_model(step)
+        torch.cuda.synchronize(self.device)
+
+    @torch.inference_mode()
+    def _warmup_cached_prefill(self):
+        """A one-token prefill read through the paged cache (block 0, nothing written), so that the kernels of
+        a prefill with cached context (a prefix hit, a chunk's continuation) compile now rather than in the
+        first request that has one (about a second on an H200). Its one-row linears also time their two
+        kernels (layers/skinny_gemm.py) before the CUDA graphs capture the faster."""
+        step = StepInput(is_prefill=True, input_ids=[0], positions=[0], slot_mapping=[PAD_SLOT_ID],
+                         block_tables=[[0]], cu_seqlens_q=[0, 1], cu_seqlens_k=[0, 1], logits_indices=[0])
+        self.execute_model(step)
+        self.num_prev_logits = 0
         torch.cuda.synchronize(self.device)
 
     # ---- execution -------------------------------------------------------------------------
