@@ -56,6 +56,11 @@ def test_qk_norm_rope_interpreted(head_dim):
     run_interpreted("qk_norm_rope", head_dim=head_dim)
 
 
+@interpreted
+def test_skinny_gemm_interpreted():
+    run_interpreted("skinny_gemm", rows=[1, 3, 8], configs=[(8, 128, 4)])  # K 320: a masked tail for every tile
+
+
 @pytest.mark.gpu
 @gpu
 def test_store_kvcache_gpu():
@@ -111,3 +116,11 @@ def test_silu_and_mul_gpu(d):
 def test_qk_norm_rope_gpu(head_dim, heads, kv_heads):
     from kernel_checks.qk_norm_rope import check
     check("cuda", head_dim=head_dim, heads=heads, kv_heads=kv_heads, num_blocks=8, block_size=16)
+
+
+@pytest.mark.gpu
+@gpu
+@pytest.mark.parametrize("n,k", [(1024, 2048), (4096, 1024), (1000, 1100)])
+def test_skinny_gemm_gpu(n, k):
+    from kernel_checks.skinny_gemm import check
+    check("cuda", n=n, ks=[k], rows=[1, 2, 5, 8], dtypes=("bfloat16", "float32"), configs=[(16, 256, 8)])

@@ -31,6 +31,7 @@ CHECKS = [
     ("qk_norm_rope", dict(head_dim=128)),
     ("fused_moe", dict(num_tokens=3, num_experts=8, top_k=2, hidden=32, intermediate=32)),
     ("fp8_gemm", dict(M=5, N=192, K=320)),
+    ("skinny_gemm", dict(n=64, ks=[320], rows=[1, 5])),
     ("thresholds", dict(vocab=300, block=16, lanes=64, lane_block=16)),
     ("penalties", dict(vocab=300)),
     ("race", dict(block=16, vocab=100, num_draws=60)),
@@ -51,7 +52,7 @@ def test_every_kernel_compiles_for_sm90(tmp_path):
     for module, kwargs in CHECKS:
         run_interpreted(module, record=str(path), **kwargs)
     recorded = {(launch["module"], launch["name"]) for launch in map(json.loads, path.read_text().splitlines())}
-    assert len(recorded) >= 22, sorted(recorded)
+    assert len(recorded) >= 23, sorted(recorded)
     result = compile_recorded(path)
     assert not result["failures"], "\n".join(result["failures"])
 

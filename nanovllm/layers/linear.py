@@ -19,6 +19,7 @@ from torch import nn
 
 from nanovllm.layers.quantization import fp8
 from nanovllm.layers.quantization.config import Fp8Config
+from nanovllm.layers.skinny_gemm import prefer_skinny, skinny_linear
 from nanovllm.utils.parallel import all_reduce, divide, tp_rank, tp_size
 
 
@@ -64,8 +65,15 @@ class LinearBase(nn.Module):
             fp8.process_weights_after_loading(self, self.quant_config, self.params_dtype)
 
     def _linear(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-        if self.weight.dtype == fp8.FP8_DTYPE:
-            return fp8.apply(x, self.weight, self.weight_scale_inv, bias)
+        scale = self.weight_scale_inv if self.weight.dtype == fp8.FP8_DTYPE else None
+        if x.is_cuda and x.numel() == x.shape[-1] and prefer_skinny(x, self.weight, scale,
+                                                                    lambda: self._default(x, bias, scale)):
+            return skinny_linear(x, self.weight, bias, scale)  # one row (decode at batch 1)
+        return self._default(x, bias, scale)
+
+    def _default(self, x: torch.Tensor, bias: torch.Tensor | None, scale: torch.Tensor | None) -> torch.Tensor:
+        if scale is not None:
+            return fp8.apply(x, self.weight, scale, bias)
         return F.linear(x, self.weight, bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
