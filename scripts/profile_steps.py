@@ -7,7 +7,7 @@ kernels are queued slower than the GPU runs them counts its gaps too), and the G
 before the step (from the previous step's end to this one's start: host time not hidden behind
 the GPU). Averages by batch size, then totals. CUDA only, one GPU.
 
-    python scripts/profile_steps.py [--num-seqs 256] [--no-async-scheduling]
+    python scripts/profile_steps.py [--num-seqs 256] [--no-async-scheduling] [bench.py's options]
 """
 import argparse
 import sys
@@ -139,9 +139,9 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--num-seqs", type=int, default=256)
     parser.add_argument("--no-async-scheduling", action="store_true")
-    args = parser.parse_args()
+    args, rest = parser.parse_known_args()  # the rest goes to bench.py's parser, e.g. --kv-cache-dtype fp8
     folder = tempfile.TemporaryDirectory(prefix="nanovllm-profile-")
-    bench_args = bench.parse_args(["--no-async-scheduling"] if args.no_async_scheduling else [])
+    bench_args = bench.parse_args(rest + (["--no-async-scheduling"] if args.no_async_scheduling else []))
     llm = bench.make_llm(bench_args, folder.name)  # bench.py's defaults
     warm_up, variants = bench.workloads(argparse.Namespace(num_seqs=args.num_seqs, max_input_len=1024,
                                                            max_output_len=1024, mixed_sampling=True))
