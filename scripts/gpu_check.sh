@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Everything the GPU machine checks, in one go: GPU tests, then benchmarks; a summary last.
 # Usage (repo root, on the GPU machine): bash scripts/gpu_check.sh [tests|bench|latency|bench8b|families|mixed|sampler|profile|
-#   kernels|async|cascade|fp8kv|moe|tp|ray|ray2|all]...
+#   kernels|async|cascade|fp8kv|moe|tp|ray|ray2|latency8b|profile_kernels|all]...
 # tp needs two GPUs (device kind nvidia-h200-x2); all runs tests, bench and latency. ray (Ray dp=1 vs
 # the plain engine) and ray2 (dp=2, two GPUs) need Ray importable (the `ray` extra).
 # Expects flash-attn's wheel in .gpu/ (see README), installs it into /tmp/site.
@@ -51,6 +51,12 @@ for what in "${@:-all}"; do
          summary+=("MoE 30B-A3B: $(grep Throughput "$OUT/moe.log" | tr '\n' ' ')") ;;
     bench8b) for i in 1 2; do python3 bench.py --dummy-config Qwen3-8B 2>&1 | tee -a "$OUT/bench8b.log"; done
                summary+=("bench 8B: $(grep Throughput "$OUT/bench8b.log" | tr '\n' ' ')") ;;
+    latency8b) for q in "" "--quantization fp8"; do python3 bench.py --dummy-config Qwen3-8B --latency $q 2>&1 \
+                 | tee -a "$OUT/latency8b.log"; done
+               summary+=("latency 8B bf16, then FP8 weights: $(grep Decode "$OUT/latency8b.log" | tr '\n' ' ')") ;;
+    profile_kernels) for kv in auto fp8; do python3 scripts/profile_kernels.py --kv-cache-dtype $kv 2>&1 \
+                 | tee -a "$OUT/profile_kernels.log"; done
+               summary+=("GPU time, bf16 then FP8 cache: $(grep -E 'GPU busy|_decode_kernel' "$OUT/profile_kernels.log" | tr '\n' ' ')") ;;
   esac
 done
 echo "==== summary"
