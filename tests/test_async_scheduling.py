@@ -1,7 +1,7 @@
 """Async scheduling end to end on the CPU (tiny Qwen3): the same tokens, texts, logprobs and
 finish reasons with `async_scheduling` on and off, for every feature whose logic is host-side
-(stops, min_tokens, n > 1, seeds, logprobs, prompt logprobs, preemption, chunked prefill, the
-synchronous fallback of penalties), the add_request/step/abort loop, and an exception inside a
+(stops, min_tokens, n > 1, seeds, logprobs, prompt logprobs, preemption, chunked prefill, penalties,
+whose newest token the async loop takes from the device), the add_request/step/abort loop, and an exception inside a
 round leaving a consistent engine. On the CPU the device work is synchronous, but the loop (one
 step late, placeholders, stop handling, freeing) is the one that runs on CUDA.
 """
@@ -153,7 +153,7 @@ def test_preemption_is_identical(qwen3_tied):
     assert results[0] == results[1]
 
 
-def test_penalties_fall_back_to_synchronous_rounds(engines, monkeypatch):
+def test_penalties_stay_overlapped(engines, monkeypatch):
     engine = engines[True].llm_engine
     in_flight = []  # per round of the async engine: whether it left a step in flight
     step = type(engine)._step
@@ -166,10 +166,21 @@ def test_penalties_fall_back_to_synchronous_rounds(engines, monkeypatch):
     monkeypatch.setattr(type(engine), "_step", spy)
     params = [greedy(max_tokens=12, repetition_penalty=1.5, presence_penalty=0.3), greedy(max_tokens=20)]
     both(engines, [PROMPTS[0], PROMPTS[1]], params)
-    # 12 synchronous rounds while the penalised request runs (its prefill and 11 decodes), then
-    # overlapped ones until the other ends
-    assert in_flight[:12] == [False] * 12 and in_flight[12:-1] == [True] * (len(in_flight) - 13)
-    assert len(in_flight) > 16
+    # the penalised request's newest token comes from the device: every round but the last overlaps
+    assert in_flight[:-1] == [True] * (len(in_flight) - 1) and not in_flight[-1] and len(in_flight) > 16
+
+
+def test_penalties_same_outputs_on_and_off(engines):
+    """Every penalty, alone and mixed with stops, min_tokens, seeds, n > 1 and logprobs: the token
+    history that the async loop completes on the device gives the synchronous loop's draws."""
+    params = [greedy(max_tokens=18, repetition_penalty=1.8),
+              greedy(max_tokens=22, frequency_penalty=1.5, stop_token_ids=[7, 9, 11], ignore_eos=False),
+              SamplingParams(temperature=0.9, seed=5, presence_penalty=1.2, max_tokens=20, logprobs=2),
+              SamplingParams(n=2, temperature=1.0, seed=3, repetition_penalty=0.7, frequency_penalty=-0.5,
+                             min_tokens=6, max_tokens=15),
+              greedy(max_tokens=25, presence_penalty=-0.8, stop=["e"], ignore_eos=False)]
+    out = both(engines, PROMPTS, params)
+    assert any(c[3] == "stop" for o in out for c in o[3])  # a stop was hit with penalties in flight
 
 
 def test_add_request_step_and_abort_mid_run(engines):

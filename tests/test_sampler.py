@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from nanovllm.engine.sequence import Sequence
-from nanovllm.sample.metadata import SamplingMetadata
+from nanovllm.sample.metadata import InFlightTokens, SamplingMetadata
 from nanovllm.sample.penalties import apply_penalties_
 from nanovllm.sample.sampler import Sampler
 from nanovllm.sampling_params import SamplingParams
@@ -159,6 +159,27 @@ def test_penalties_match_a_direct_computation():
                                      c["frequency_penalty"], c["repetition_penalty"]).argmax().item()
                 for i, c in enumerate(cases)]
     assert sample(logits[:3], greedy).token_ids.tolist() == expected
+
+
+def test_penalties_take_a_placeholder_token_from_the_device():
+    """Async scheduling: a sequence's newest token is still on the device (a placeholder); its place in
+    the penalties' history is filled from the previous step's sampled ids, by the sequence's row there."""
+    c = dict(prompt=[1, 2, 3], presence_penalty=0.5, frequency_penalty=0.75, repetition_penalty=1.9)
+    pending, known = seq(output=[3, 5], **c), seq(output=[6], **c)
+    pending.num_output_placeholders = 1  # its third output token (5) was sampled by the previous step
+    previous = torch.tensor([9, 8, 5, 9], device=DEVICE)  # that step's samples; pending's is row 2
+    in_flight = InFlightTokens(previous, {pending.seq_id: 2, known.seq_id: 0})
+    logits = random_logits(2, seed=7).to(DEVICE)
+    t = SamplingMetadata.build([pending, known], DEVICE, 0, in_flight)
+    assert t.output_token_ids.tolist() == [3, 5, 5, 6] and t.output_starts.tolist() == [0, 3, 4]
+    got = logits[t.patched_rows].float()  # the sampler's float32 copies of the patched rows
+    apply_penalties_(got, t, logits)
+    for i, output in enumerate(([3, 5, 5], [6])):
+        expected = _penalised_reference(logits[i].cpu(), c["prompt"], output, c["presence_penalty"],
+                                        c["frequency_penalty"], c["repetition_penalty"])
+        torch.testing.assert_close(got[i].cpu(), expected)
+    pending.append_token(5)  # the host reads it: the mirror takes it, no placeholder is left
+    assert SamplingMetadata.build([pending], DEVICE, 0).output_token_ids.tolist() == [3, 5, 5]
 
 
 def test_penalty_token_mirror_follows_new_tokens():

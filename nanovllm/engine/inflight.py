@@ -32,10 +32,10 @@ class RoundResults:
 
 
 def needs_host_tokens(seq: Sequence) -> bool:
-    """Whether sampling `seq` needs its newest token on the host: a grammar (its bitmask) or
-    penalties (the sampler's token history). Such sequences make the loop synchronous."""
-    p = seq.sampling_params
-    return seq.grammar is not None or bool(p.presence_penalty or p.frequency_penalty or p.repetition_penalty != 1)
+    """Whether sampling `seq` needs its newest token on the host: a grammar (its bitmask is filled
+    on the host). Such sequences make the loop synchronous. (Penalties do not: the sampler takes a
+    placeholder's token from the device, sample/metadata.py.)"""
+    return seq.grammar is not None
 
 
 def launch_step(executor: Executor, scheduler: Scheduler, output: SchedulerOutput,

@@ -13,7 +13,7 @@ N+1, then processes step N, which ran on the device meanwhile; N+1's inputs take
 device (placeholders: scheduler.py). At most one step is in flight between calls, none once no
 request is unfinished. A token past a stop is dropped; greedy and seeded tokens are those of the
 synchronous loop. A round is synchronous while an unfinished sequence needs its newest token on
-the host before its next draw (inflight.py: grammars, penalties). An exception inside a round
+the host before its next draw (inflight.py: grammars). An exception inside a round
 abandons its steps: their unfinished sequences are preempted (recomputed from their known tokens).
 
 Bad input raises ValueError / TypeError naming it before anything is queued (input_processor.py).

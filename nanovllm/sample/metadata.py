@@ -8,12 +8,16 @@ step whose rows all use temperature alone is `plain`: only the draw runs.
 
 The sampler's per-sequence state (`seq.sampling_state`: a numpy mirror of a penalised sequence's
 token ids, grown by the new tokens only) is created here on the sequence's first penalised step.
+With async scheduling a penalised sequence's newest token may still be on the device only (a
+placeholder): its slot in the token history is filled on the device from the previous step's
+sampled ids, after the upload, so penalties do not make the loop wait for the host.
 A row with a grammar (structured outputs) has its token bitmask filled here, on the host, by its
 matcher, and uploaded with the rest.
 """
 import math
 from dataclasses import dataclass, field, fields
-from typing import Any, Protocol
+from collections.abc import Mapping
+from typing import Any, NamedTuple, Protocol
 
 import numpy as np
 import torch
@@ -37,6 +41,7 @@ def bitmask_words(vocab_size: int) -> int:
 
 class SamplingSequence(Protocol):
     """What the sampler reads of a sequence (the engine's Sequence)."""
+    seq_id: int
     sampling_params: SamplingParams
     seed: int | None                   # None: the step's random stream
     token_ids: list[int]
@@ -61,9 +66,9 @@ class SequenceState:
         self.num_mirrored = 0
 
     def token_ids(self, seq: SamplingSequence) -> np.ndarray:
-        """All of `seq`'s token ids, copying only those appended since the last call."""
-        n = seq.num_tokens
-        assert n == len(seq.token_ids), "penalties read every token: no placeholder may be pending"
+        """`seq`'s token ids known on the host (placeholders excluded), copying only those appended
+        since the last call."""
+        n = len(seq.token_ids)
         if n > len(self.mirror):
             grown = np.empty(max(n, 2 * len(self.mirror), 64), dtype=np.int64)
             grown[:self.num_mirrored] = self.mirror[:self.num_mirrored]
@@ -74,6 +79,12 @@ class SequenceState:
             self.mirror[self.num_mirrored:n] = seq.token_ids[self.num_mirrored:n]
         self.num_mirrored = n
         return self.mirror[:n]
+
+
+class InFlightTokens(NamedTuple):
+    """The step launched just before this one, as the sampler sees it (async scheduling)."""
+    token_ids: torch.Tensor  # its sampled ids, on the device
+    rows: Mapping[int, int]  # seq_id -> row of token_ids
 
 
 @dataclass
@@ -115,15 +126,17 @@ class SamplingMetadata:
     bitmask: torch.Tensor          # [num_guided, ceil(vocab_size / 32)] int32: their allowed tokens
 
     @classmethod
-    def build(cls, seqs: list[SamplingSequence], device: torch.device, base_key: int) -> "SamplingMetadata":
+    def build(cls, seqs: list[SamplingSequence], device: torch.device, base_key: int,
+              in_flight: InFlightTokens | None = None) -> "SamplingMetadata":
         """The settings of `seqs` (one per logits row, in row order). `base_key`: the step's noise
-        key of unseeded rows (row r draws with base_key + r)."""
+        key of unseeded rows (row r draws with base_key + r). `in_flight`: the previous step's sampled
+        ids, for penalised sequences whose newest token is a placeholder."""
         if all(seq.sampling_params.temperature_only for seq in seqs):  # the common case, kept cheap
             return cls.plain_rows([seq.sampling_params.temperature for seq in seqs], device)
         host = _HostLists()
         for row, seq in enumerate(seqs):
-            host.add(row, seq)
-        return host.upload(len(seqs), device, base_key)
+            host.add(row, seq, in_flight)
+        return host.upload(len(seqs), device, base_key, in_flight)
 
     @classmethod
     def plain_rows(cls, temperatures: list[float], device: torch.device) -> "SamplingMetadata":
@@ -156,6 +169,9 @@ class _HostLists:
     frequency_penalties: list[float] = field(default_factory=list)
     repetition_penalties: list[float] = field(default_factory=list)
     output_token_ids: list[np.ndarray] = field(default_factory=list)
+    num_output_ids: int = 0
+    in_flight_positions: list[int] = field(default_factory=list)  # in the flat output ids: placeholders
+    in_flight_rows: list[int] = field(default_factory=list)  # their rows of the previous step's ids
     prompt_token_ids: list[np.ndarray] = field(default_factory=list)
     suppressed_slots: list[int] = field(default_factory=list)
     suppressed_ids: list[int] = field(default_factory=list)
@@ -168,7 +184,7 @@ class _HostLists:
     max_logprobs: int = 0
     plain: bool = True
 
-    def add(self, row: int, seq: SamplingSequence):
+    def add(self, row: int, seq: SamplingSequence, in_flight: InFlightTokens | None = None):
         p = seq.sampling_params
         self.temperatures.append(p.temperature)
         if p.temperature_only:
@@ -200,7 +216,15 @@ class _HostLists:
             self.presence_penalties.append(p.presence_penalty)
             self.frequency_penalties.append(p.frequency_penalty)
             self.repetition_penalties.append(p.repetition_penalty)
-            self.output_token_ids.append(token_ids[seq.num_prompt_tokens:])
+            output_ids = token_ids[seq.num_prompt_tokens:]
+            if seq.num_tokens > len(token_ids):  # its newest token is still on the device: a slot for it
+                assert seq.num_tokens == len(token_ids) + 1 and in_flight is not None and seq.seq_id in in_flight.rows, \
+                    "a placeholder is the previous step's sample"
+                self.in_flight_positions.append(self.num_output_ids + len(output_ids))
+                self.in_flight_rows.append(in_flight.rows[seq.seq_id])
+                output_ids = np.append(output_ids, 0)
+            self.output_token_ids.append(output_ids)
+            self.num_output_ids += len(output_ids)
             self.prompt_token_ids.append(token_ids[:seq.num_prompt_tokens if p.repetition_penalty != 1 else 0])
         if suppressing:
             self.suppressed_slots.extend([slot] * len(seq.all_stop_token_ids))
@@ -212,9 +236,10 @@ class _HostLists:
             self.logprob_rows.append(row)
             self.max_logprobs = max(self.max_logprobs, p.logprobs)
 
-    def upload(self, num_rows: int, device: torch.device, base_key: int) -> SamplingMetadata:
+    def upload(self, num_rows: int, device: torch.device, base_key: int,
+               in_flight: InFlightTokens | None = None) -> SamplingMetadata:
         """One copy of all ints, one of all floats. The penalties' token ids travel once each,
-        with where each slot's tokens start."""
+        with where each slot's tokens start; placeholders are then filled on the device."""
         output_starts = np.cumsum([0] + [len(a) for a in self.output_token_ids])
         prompt_starts = np.cumsum([0] + [len(a) for a in self.prompt_token_ids])
         keys = np.empty(0, np.int64)
@@ -230,7 +255,8 @@ class _HostLists:
                     output_starts=output_starts, output_token_ids=_concat(self.output_token_ids),
                     prompt_starts=prompt_starts, prompt_token_ids=_concat(self.prompt_token_ids),
                     suppressed_slots=self.suppressed_slots, suppressed_ids=self.suppressed_ids, keys=keys,
-                    logprob_rows=self.logprob_rows, guided_slots=self.guided_slots)
+                    logprob_rows=self.logprob_rows, guided_slots=self.guided_slots,
+                    in_flight_positions=self.in_flight_positions, in_flight_rows=self.in_flight_rows)
         floats = dict(temperatures=self.temperatures, top_k_top_ps=self.top_k_top_ps, log_min_ps=self.log_min_ps,
                       top_ps=self.top_ps, presence_penalties=self.presence_penalties,
                       frequency_penalties=self.frequency_penalties, repetition_penalties=self.repetition_penalties)
@@ -239,6 +265,9 @@ class _HostLists:
         tensors = dict(zip(ints, upload(int_host, device).split([len(v) for v in ints.values()])))
         tensors["bitmask"] = upload(self._bitmask(), device)
         tensors.update(zip(floats, upload(float_host, device).split([len(v) for v in floats.values()])))
+        positions, rows = tensors.pop("in_flight_positions"), tensors.pop("in_flight_rows")
+        if self.in_flight_positions:  # after the upload, on the stream that sampled them
+            tensors["output_token_ids"][positions] = in_flight.token_ids[rows]
         return SamplingMetadata(num_rows, self.plain, self.max_top_k, self.max_logprobs,
                                 any(r != 1 for r in self.repetition_penalties), self.logprob_rows, **tensors)
 

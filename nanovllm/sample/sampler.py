@@ -23,7 +23,7 @@ from nanovllm.sample.draw import draw
 from nanovllm.sample.guided import apply_grammar_bitmask_
 from nanovllm.sample.logits import PatchedLogits, float_rows
 from nanovllm.sample.logprobs import LogprobsLists, LogprobsTensors, token_logprobs
-from nanovllm.sample.metadata import SamplingMetadata, SamplingSequence
+from nanovllm.sample.metadata import InFlightTokens, SamplingMetadata, SamplingSequence
 from nanovllm.sample.penalties import apply_min_tokens_, apply_penalties_, penalize_triton
 from nanovllm.sample.thresholds import keep_thresholds, keep_thresholds_
 from nanovllm.utils.triton_utils import triton
@@ -83,10 +83,12 @@ class Sampler:
         empty, one = torch.zeros(2, dtype=torch.int64, device=device), torch.ones(1, device=device)
         penalize_triton(rows.patched, logits, first, first, empty, empty, empty, empty, one, one, one)
 
-    def forward(self, logits: torch.Tensor, seqs: list[SamplingSequence]) -> SamplerOutput:
-        """logits: [num_rows, vocab_size] (left unmodified), row i for seqs[i]."""
+    def forward(self, logits: torch.Tensor, seqs: list[SamplingSequence],
+                in_flight: InFlightTokens | None = None) -> SamplerOutput:
+        """logits: [num_rows, vocab_size] (left unmodified), row i for seqs[i]. `in_flight`: the
+        previous step's samples, where some of `seqs` have their newest token as a placeholder."""
         base_key = (1 << 61) | self._rng.getrandbits(60)  # this step's noise of unseeded rows: base_key + row
-        t = SamplingMetadata.build(seqs, logits.device, base_key)
+        t = SamplingMetadata.build(seqs, logits.device, base_key, in_flight)
         if t.plain:
             return SamplerOutput(draw(PatchedLogits(logits), t.temperatures, None, base_key, None))
         rows = PatchedLogits(logits)

@@ -174,7 +174,7 @@ class Executor:
         else:
             output = self.runner.execute_model(step, targets)
         sampled = [seq for seq in seqs if seq.is_prefill_complete_after_step] if is_prefill else seqs
-        return self.runner.sample(output, sampled)
+        return self.runner.sample(output, sampled, prev_sampled)
 
     def _failure(self, cause: BaseException) -> str:
         """Why the executor cannot go on after `cause` interrupted a step."""

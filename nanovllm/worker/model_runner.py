@@ -16,6 +16,7 @@ a step with placeholders broadcasts them to the other ranks first), and the next
 placeholder rows read their input ids from them; `sample` returns the host copy still under way.
 """
 import logging
+from collections.abc import Mapping
 from typing import NamedTuple
 
 import torch
@@ -26,7 +27,7 @@ from nanovllm.config import Config
 from nanovllm.models import get_model_class
 from nanovllm.models.loader import load_dummy_weights, load_model
 from nanovllm.sample.logprobs import LogprobsLists, LogprobsTensors, token_logprobs
-from nanovllm.sample.metadata import SamplingSequence
+from nanovllm.sample.metadata import InFlightTokens, SamplingSequence
 from nanovllm.sample.sampler import Sampler
 from nanovllm.utils.parallel import TensorParallelGroup, tensor_parallel_group
 from nanovllm.worker.async_output import AsyncSampledTokens
@@ -233,13 +234,18 @@ class ModelRunner:
         return LogprobsTensors.cat(parts).tolist() if parts else None
 
     @torch.inference_mode()
-    def sample(self, output: ModelOutput, seqs: list[SamplingSequence]) -> AsyncSampledTokens:
+    def sample(self, output: ModelOutput, seqs: list[SamplingSequence],
+               prev_rows: Mapping[int, int] | None = None) -> AsyncSampledTokens:
         """Rank 0: one token per logits row (row i for seqs[i]), with the step's prompt logprobs;
         their copy to the host is under way (no wait here). Keeps the token ids on the device
-        for the next step's placeholders."""
+        for the next step's placeholders. `prev_rows`: seq_id -> row of the previous step's samples
+        (async scheduling), for the sampler's penalties of sequences whose newest token is one."""
         if output.logits is None:
             self.prev_sampled = None
             return AsyncSampledTokens(None, output.prompt_logprobs, self.device)
-        sampled = self.sampler(output.logits, seqs)
+        in_flight = None
+        if prev_rows and self.prev_sampled is not None:
+            in_flight = InFlightTokens(self.prev_sampled, prev_rows)
+        sampled = self.sampler(output.logits, seqs, in_flight)
         self.prev_sampled = sampled.token_ids
         return AsyncSampledTokens(sampled, output.prompt_logprobs, self.device)
