@@ -16,8 +16,10 @@ pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(),
 def workload() -> tuple[list[list[int]], list[SamplingParams]]:
     batch = prompts() * 6
     kinds = [dict(temperature=0), dict(temperature=0.8), dict(temperature=1.0, seed=3),
-             dict(temperature=0.7, top_k=20, top_p=0.9, logprobs=2), dict(temperature=0, logprobs=0, min_tokens=5)]
-    params = [SamplingParams(ignore_eos=True, max_tokens=8 + 13 * (i % 7), **kinds[i % len(kinds)])
+             dict(temperature=0.7, top_k=20, top_p=0.9, logprobs=2), dict(temperature=0, logprobs=0, min_tokens=5),
+             dict(temperature=0, repetition_penalty=1.3, frequency_penalty=0.4),  # its newest token from the device
+             dict(temperature=0.8, seed=11, presence_penalty=0.6)]
+    params = [SamplingParams(ignore_eos=True, max_tokens=8 + 13 * (i % 5), **kinds[i % len(kinds)])
               for i in range(len(batch))]
     return batch, params
 
