@@ -1,8 +1,8 @@
 """Linear layers at a handful of rows (decode at small batches): y = x @ W^T (+ bias) in Triton.
 
 At one to eight rows a linear reads its whole weight to produce a few outputs: the step is bound by
-the weight's bytes, and cuBLAS's kernels for these shapes move them at a fraction of the memory
-bandwidth. This kernel gives each program BLOCK_N output features and walks the whole input
+the weight's bytes, and for some of these shapes cuBLAS picks a kernel that moves them at a fraction
+of the memory bandwidth. This kernel gives each program BLOCK_N output features and walks the whole input
 dimension, BLOCK_K at a time, with plain multiply-adds in float32 (no tensor cores: there is
 nothing to reuse); the partial products stay in registers and are summed once at the end.
 
@@ -21,7 +21,7 @@ import torch
 
 from nanovllm.utils.triton_utils import tl, triton
 
-MAX_ROWS = 8  # rows up to which skinny_linear serves (callers check `serves`)
+MAX_ROWS = 8  # the most rows skinny_linear takes (the layers use it at one row: prefer_skinny)
 # (BLOCK_N, BLOCK_K, num_warps) per padded row count: the partial products take
 # ROWS * BLOCK_N * BLOCK_K / (32 * num_warps) float32 registers per thread.
 CONFIGS = {1: (4, 1024, 4), 2: (8, 256, 4), 4: (4, 256, 4), 8: (4, 128, 4)}

@@ -218,8 +218,8 @@ class _HostLists:
             self.repetition_penalties.append(p.repetition_penalty)
             output_ids = token_ids[seq.num_prompt_tokens:]
             if seq.num_tokens > len(token_ids):  # its newest token is still on the device: a slot for it
-                assert seq.num_tokens == len(token_ids) + 1 and in_flight is not None and seq.seq_id in in_flight.rows, \
-                    "a placeholder is the previous step's sample"
+                assert seq.num_tokens == len(token_ids) + 1 and in_flight is not None \
+                    and seq.seq_id in in_flight.rows, "a placeholder is the previous step's sample"
                 self.in_flight_positions.append(self.num_output_ids + len(output_ids))
                 self.in_flight_rows.append(in_flight.rows[seq.seq_id])
                 output_ids = np.append(output_ids, 0)
