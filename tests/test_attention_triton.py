@@ -13,8 +13,9 @@ gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU
 def test_attention_kernels_interpreted():
     # block_n 32 between the block sizes: tiles spanning two pages (16) and pages holding two tiles (64);
     # block_m 32: two query tiles in the longest sequence (40 new tokens), each with its own diagonal.
+    # merge_chunk 1: the splits merged one per step, rescaled whenever a later one has a larger max
     run_interpreted("attention", block_sizes=[16, 64], head_dims=[64, 128], groups=[1, 2, 4], block_n=32,
-                    block_m=32, decode_splits=[None, 3])
+                    block_m=32, decode_splits=[None, 3], merge_chunk=1)
 
 
 def test_store_kvcache_fp8_torch():

@@ -108,9 +108,10 @@ def test_torch_backend_cascade_equals_plain_decode(dtype, group):
 
 
 def test_cascade_kernels_interpreted():
-    # prefix_config BLOCK_M 16: groups of 10 rows span two row tiles; BLOCK_N 32 spans two 16-token pages
+    # prefix_config BLOCK_M 16: groups of 10 rows span two row tiles; BLOCK_N 32 spans two 16-token pages;
+    # merge_chunk 1: prefix and suffix splits merged one per step, rescaled as the max grows
     run_interpreted("cascade", block_sizes=[16, 64], head_dims=[64, 128], groups=[1, 2, 3],
-                    prefix_config=[16, 32, 4, 1])
+                    prefix_config=[16, 32, 4, 1], merge_chunk=1)
 
 
 @pytest.mark.gpu

@@ -20,9 +20,10 @@ import triton.language as tl
 
 from nanovllm.attention.kv_store import FP8_DTYPE
 from nanovllm.attention.metadata import CascadeMetadata
-from nanovllm.attention.triton_decode import (DECODE_CONFIGS, FP8_DECODE_CONFIGS, LOG2E, MIN_GROUP_ROWS,
-                                              SPLIT_PROGRAMS_PER_SM, _decode_kernel, attend_tiles,
-                                              check_attention_inputs, decode_splits, dot_precision, num_sms)
+from nanovllm.attention.triton_decode import (DECODE_CONFIGS, FP8_DECODE_CONFIGS, LOG2E, MERGE_CHUNK,
+                                              MIN_GROUP_ROWS, SPLIT_PROGRAMS_PER_SM, _decode_kernel, attend_tiles,
+                                              check_attention_inputs, decode_splits, dot_precision, merge_splits,
+                                              num_sms)
 
 # Prefix pass tunables per head_dim: BLOCK_M (query rows per program), BLOCK_N (keys per tile), num_warps,
 # num_stages (scripts/bench_cascade.py times them).
@@ -69,31 +70,21 @@ def _prefix_kernel(q_ptr, q_stride_s, q_stride_h, k_cache_ptr, v_cache_ptr, k_sc
     tl.store(part_lse_ptr + part, m + tl.log2(l), mask=row_ok)  # -inf for an empty split
 
 
-@triton.jit
+# The split counts vary with the batch: runtime values, so no step compiles a variant.
+@triton.jit(do_not_specialize=["num_prefix_splits", "num_suffix_splits"])
 def _cascade_merge_kernel(prefix_out_ptr, prefix_lse_ptr, num_prefix_splits, suffix_out_ptr, suffix_lse_ptr,
                           num_suffix_splits, seq_prefix_lens_ptr, out_ptr, NUM_HEADS: tl.constexpr,
-                          PREFIX_PAD: tl.constexpr, SUFFIX_PAD: tl.constexpr, HEAD_DIM: tl.constexpr):
+                          CHUNK: tl.constexpr, HEAD_DIM: tl.constexpr):
     row = tl.program_id(0)  # seq * NUM_HEADS + head
     prefix_len = tl.load(seq_prefix_lens_ptr + row // NUM_HEADS)
-    p = tl.arange(0, PREFIX_PAD)
-    s = tl.arange(0, SUFFIX_PAD)
-    d = tl.arange(0, HEAD_DIM)
-    p_ok = p < tl.where(prefix_len > 0, num_prefix_splits, 0)  # a row in no group has no prefix partials
-    s_ok = s < num_suffix_splits
-    lse_p = tl.load(prefix_lse_ptr + row * num_prefix_splits + p, mask=p_ok, other=float("-inf"))
-    lse_s = tl.load(suffix_lse_ptr + row * num_suffix_splits + s, mask=s_ok, other=float("-inf"))
-    m = tl.maximum(tl.max(lse_p, axis=0), tl.max(lse_s, axis=0))
-    m = tl.where(m == float("-inf"), 0.0, m)  # nothing at all (context 0): zeros
-    w_p = tl.exp2(lse_p - m)
-    w_s = tl.exp2(lse_s - m)
-    parts_p = tl.load(prefix_out_ptr + (row * num_prefix_splits + p)[:, None] * HEAD_DIM + d[None, :],
-                      mask=p_ok[:, None], other=0.0)  # [PREFIX_PAD, HEAD_DIM]
-    parts_s = tl.load(suffix_out_ptr + (row * num_suffix_splits + s)[:, None] * HEAD_DIM + d[None, :],
-                      mask=s_ok[:, None], other=0.0)
-    total = tl.sum(w_p, axis=0) + tl.sum(w_s, axis=0)
-    out = (tl.sum(parts_p * w_p[:, None], axis=0) + tl.sum(parts_s * w_s[:, None], axis=0))
-    out = out / tl.where(total == 0.0, 1.0, total)
-    tl.store(out_ptr + row * HEAD_DIM + d, out.to(out_ptr.dtype.element_ty))
+    prefix_count = tl.where(prefix_len > 0, num_prefix_splits, 0)  # a row in no group has no prefix partials
+    m, total, acc = merge_splits(prefix_out_ptr, prefix_lse_ptr, row, num_prefix_splits, prefix_count,
+                                 tl.full([], float("-inf"), tl.float32), tl.zeros([], tl.float32),
+                                 tl.zeros([HEAD_DIM], tl.float32), CHUNK, HEAD_DIM)
+    m, total, acc = merge_splits(suffix_out_ptr, suffix_lse_ptr, row, num_suffix_splits, num_suffix_splits,
+                                 m, total, acc, CHUNK, HEAD_DIM)
+    out = acc / tl.where(total == 0.0, 1.0, total)  # nothing at all (context 0): zeros
+    tl.store(out_ptr + row * HEAD_DIM + tl.arange(0, HEAD_DIM), out.to(out_ptr.dtype.element_ty))
 
 
 def cascade_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, cascade: CascadeMetadata,
@@ -166,5 +157,5 @@ def cascade_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor
 
     _cascade_merge_kernel[(num_seqs * num_heads,)](
         prefix_out, prefix_lse, prefix_splits, suffix_out, suffix_lse, suffix_splits, cascade.seq_prefix_lens, out,
-        num_heads, triton.next_power_of_2(prefix_splits), triton.next_power_of_2(suffix_splits), head_dim)
+        num_heads, MERGE_CHUNK, head_dim)
     return out

@@ -27,6 +27,7 @@ DECODE_CONFIGS = {64: (64, 4, 3), 128: (64, 4, 3), 256: (32, 4, 3)}
 FP8_DECODE_CONFIGS = {64: (128, 4, 3), 128: (128, 4, 3), 256: (32, 4, 3)}  # an FP8 cache: wider tiles
 SPLIT_PROGRAMS_PER_SM = 2  # split sequences until num_kv_heads * num_seqs * splits >= this x SM count
 MIN_GROUP_ROWS = 16  # tl.dot needs M >= 16: the query-head group is padded up to this
+MERGE_CHUNK = 16  # split partials merged at a time
 
 
 def check_attention_inputs(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
@@ -139,19 +140,37 @@ def _decode_kernel(q_ptr, q_stride_s, q_stride_h, k_cache_ptr, v_cache_ptr, k_sc
 
 
 @triton.jit
-def _merge_kernel(part_out_ptr, part_lse_ptr, out_ptr, num_splits, SPLITS_PAD: tl.constexpr,
-                  HEAD_DIM: tl.constexpr):
-    row = tl.program_id(0)  # seq * num_heads + head
-    s = tl.arange(0, SPLITS_PAD)
+def merge_splits(part_out_ptr, part_lse_ptr, row, num_splits, count, m, total, acc, CHUNK: tl.constexpr,
+                 HEAD_DIM: tl.constexpr):
+    """Fold the first `count` of `row`'s num_splits partial results (workspace rows of HEAD_DIM outputs and
+    a base-2 log-sum-exp, -inf for an empty split) into the running max m, weight total and weighted sum
+    acc [HEAD_DIM]; CHUNK splits at a time, so that no compiled variant depends on the split count."""
+    c = tl.arange(0, CHUNK)
     d = tl.arange(0, HEAD_DIM)
-    lse = tl.load(part_lse_ptr + row * num_splits + s, mask=s < num_splits, other=float("-inf"))
-    m = tl.max(lse, axis=0)
-    w = tl.exp2(lse - tl.where(m == float("-inf"), 0.0, m))  # empty splits weigh 0
-    parts = tl.load(part_out_ptr + (row * num_splits + s)[:, None] * HEAD_DIM + d[None, :],
-                    mask=(s < num_splits)[:, None], other=0.0)  # [SPLITS_PAD, HEAD_DIM]
-    total = tl.sum(w, axis=0)
-    out = tl.sum(parts * w[:, None], axis=0) / tl.where(total == 0.0, 1.0, total)
-    tl.store(out_ptr + row * HEAD_DIM + d, out.to(out_ptr.dtype.element_ty))
+    for start in range(0, count, CHUNK):
+        ok = start + c < count
+        lse = tl.load(part_lse_ptr + row * num_splits + start + c, mask=ok, other=float("-inf"))
+        m_new = tl.maximum(m, tl.max(lse, axis=0))
+        base = tl.where(m_new == float("-inf"), 0.0, m_new)  # all empty so far: weights stay 0
+        alpha = tl.exp2(m - base)
+        w = tl.exp2(lse - base)
+        parts = tl.load(part_out_ptr + (row * num_splits + start + c)[:, None] * HEAD_DIM + d[None, :],
+                        mask=ok[:, None], other=0.0)  # [CHUNK, HEAD_DIM]
+        total = total * alpha + tl.sum(w, axis=0)
+        acc = acc * alpha + tl.sum(parts * w[:, None], axis=0)
+        m = m_new
+    return m, total, acc
+
+
+# The split count varies with the batch (eager steps): a runtime value, so no step compiles a variant.
+@triton.jit(do_not_specialize=["num_splits"])
+def _merge_kernel(part_out_ptr, part_lse_ptr, out_ptr, num_splits, CHUNK: tl.constexpr, HEAD_DIM: tl.constexpr):
+    row = tl.program_id(0)  # seq * num_heads + head
+    m, total, acc = merge_splits(part_out_ptr, part_lse_ptr, row, num_splits, num_splits,
+                                 tl.full([], float("-inf"), tl.float32), tl.zeros([], tl.float32),
+                                 tl.zeros([HEAD_DIM], tl.float32), CHUNK, HEAD_DIM)
+    out = acc / tl.where(total == 0.0, 1.0, total)  # every split empty (context 0): zeros
+    tl.store(out_ptr + row * HEAD_DIM + tl.arange(0, HEAD_DIM), out.to(out_ptr.dtype.element_ty))
 
 
 @functools.lru_cache(maxsize=None)
@@ -221,6 +240,5 @@ def paged_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, 
         max(MIN_GROUP_ROWS, triton.next_power_of_2(group)), head_dim, block_size, block_n, num_splits > 1, fp8,
         fp8 and q.dtype == torch.bfloat16, dot_precision(q.dtype), num_warps=num_warps, num_stages=num_stages)
     if num_splits > 1:
-        _merge_kernel[(num_seqs * num_heads,)](part_out, part_lse, out, num_splits,
-                                               triton.next_power_of_2(num_splits), head_dim)
+        _merge_kernel[(num_seqs * num_heads,)](part_out, part_lse, out, num_splits, MERGE_CHUNK, head_dim)
     return out

@@ -13,6 +13,7 @@ import torch
 
 from nanovllm.attention.kv_store import FP8_DTYPE, PAD_SLOT_ID, quantize_fp8, store_kvcache_torch, \
     store_kvcache_triton
+from nanovllm.attention import triton_decode
 from nanovllm.attention.triton_decode import paged_decode
 from nanovllm.attention.triton_prefill import paged_prefill
 
@@ -242,10 +243,13 @@ def check_prefill(device, block_size, head_dim, group, cache_dtype, dtype=torch.
 
 def check(device, block_sizes=(16, 32), head_dims=(64, 128), groups=(1, 2, 4), fp8=True,
           query_dtypes=("float16", "float32"), decode_lengths=(0, 1, 17, 40, 63), decode_splits=(None, 1, 3),
-          q_lens=(23, 5, 1, 40), cached=(0, 30, 17, 9), block_m=None, block_n=None):
+          q_lens=(23, 5, 1, 40), cached=(0, 30, 17, 9), block_m=None, block_n=None, merge_chunk=None):
     """Store, decode and prefill for every block size x head_dim x cache dtype (bf16, and FP8 if `fp8`),
-    the GQA groups cycled across them; then each extra query dtype once with a same-dtype cache."""
+    the GQA groups cycled across them; then each extra query dtype once with a same-dtype cache.
+    `merge_chunk`: split partials merged per loop step (a small one: several steps, a partial last one)."""
     torch.manual_seed(0)
+    if merge_chunk is not None:
+        triton_decode.MERGE_CHUNK = merge_chunk
     check_store(device)
     cache_dtypes = [torch.bfloat16] + ([FP8_DTYPE] if fp8 else [])
     configs = [(b, d, c) for b in block_sizes for d in head_dims for c in cache_dtypes]

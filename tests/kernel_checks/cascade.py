@@ -11,6 +11,7 @@ import torch
 from kernel_checks.attention import DTYPES, _assert_close, _paged_cache, _strided, decode_reference
 from nanovllm.attention import CascadeMetadata
 from nanovllm.attention.kv_store import FP8_DTYPE
+from nanovllm.attention import triton_cascade
 from nanovllm.attention.triton_cascade import cascade_decode
 
 # (prefix blocks, suffix lengths of the members); then the suffix lengths of rows in no group
@@ -77,10 +78,13 @@ def check_cascade(device, block_size, head_dim, group, cache_dtype, dtype=torch.
 
 
 def check(device, block_sizes=(16, 32), head_dims=(64, 128), groups=(1, 2, 3), fp8=True,
-          query_dtypes=("float32",), prefix_config=None):
+          query_dtypes=("float32",), prefix_config=None, merge_chunk=None):
     """Every block size x head_dim x cache dtype (bf16, and FP8 if `fp8`), the GQA groups cycled over them
-    (3: a group that is not a power of two); then each extra query dtype once with a same-dtype cache."""
+    (3: a group that is not a power of two); then each extra query dtype once with a same-dtype cache.
+    `merge_chunk`: split partials merged per loop step (a small one: several steps, a partial last one)."""
     prefix_config = tuple(prefix_config) if prefix_config else None
+    if merge_chunk is not None:
+        triton_cascade.MERGE_CHUNK = merge_chunk
     cache_dtypes = [torch.bfloat16] + ([FP8_DTYPE] if fp8 else [])
     configs = [(b, d, c) for b in block_sizes for d in head_dims for c in cache_dtypes]
     for i, (block_size, head_dim, cache_dtype) in enumerate(configs):
