@@ -27,7 +27,7 @@ DECODE_CONFIGS = {64: (64, 4, 3), 128: (64, 4, 3), 256: (32, 4, 3)}
 FP8_DECODE_CONFIGS = {64: (128, 4, 3), 128: (128, 4, 3), 256: (32, 4, 3)}  # an FP8 cache: wider tiles
 SPLIT_PROGRAMS_PER_SM = 2  # split sequences until num_kv_heads * num_seqs * splits >= this x SM count
 MIN_GROUP_ROWS = 16  # tl.dot needs M >= 16: the query-head group is padded up to this
-MERGE_CHUNK = 16  # split partials merged at a time
+MERGE_CHUNK = 64  # split partials merged per loop step (a decode step has at most 2 x SMs / kv heads)
 
 
 def check_attention_inputs(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
