@@ -40,6 +40,8 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--top", type=int, default=30, help="kernels listed")
     args, rest = parser.parse_known_args()
+    if not torch.cuda.is_available():
+        raise SystemExit("profile_kernels.py profiles CUDA kernels: it needs a CUDA GPU.")
     bench_args = bench.parse_args(rest)
     warm_up, variants = bench.workloads(bench_args)
     prompts, params = variants["plain"]
