@@ -66,8 +66,7 @@ class LinearBase(nn.Module):
 
     def _linear(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         scale = self.weight_scale_inv if self.weight.dtype == fp8.FP8_DTYPE else None
-        if x.is_cuda and x.numel() == x.shape[-1] and prefer_skinny(x, self.weight, scale,
-                                                                    lambda: self._default(x, bias, scale)):
+        if prefer_skinny(x, self.weight, scale, lambda: self._default(x, bias, scale)):
             return skinny_linear(x, self.weight, bias, scale)  # one row (decode at batch 1)
         return self._default(x, bias, scale)
 

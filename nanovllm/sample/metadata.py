@@ -81,6 +81,12 @@ class SequenceState:
         return self.mirror[:n]
 
 
+def scatter_prev_sampled(dst: torch.Tensor, rows: torch.Tensor, indices: torch.Tensor, prev_sampled: torch.Tensor):
+    """dst[rows] = prev_sampled[indices] on the device, without a sync: placeholders' values (a step's
+    input ids, a penalised row's token history). dst: [n] int64; rows, indices: [num_placeholders] int64."""
+    dst.index_copy_(0, rows, prev_sampled.index_select(0, indices))
+
+
 class InFlightTokens(NamedTuple):
     """The step launched just before this one, as the sampler sees it (async scheduling)."""
     token_ids: torch.Tensor  # its sampled ids, on the device
@@ -169,9 +175,8 @@ class _HostLists:
     frequency_penalties: list[float] = field(default_factory=list)
     repetition_penalties: list[float] = field(default_factory=list)
     output_token_ids: list[np.ndarray] = field(default_factory=list)
-    num_output_ids: int = 0
-    in_flight_positions: list[int] = field(default_factory=list)  # in the flat output ids: placeholders
-    in_flight_rows: list[int] = field(default_factory=list)  # their rows of the previous step's ids
+    in_flight_slots: list[int] = field(default_factory=list)  # penalised slots whose last token is a placeholder
+    in_flight_rows: list[int] = field(default_factory=list)  # its row of the previous step's ids
     prompt_token_ids: list[np.ndarray] = field(default_factory=list)
     suppressed_slots: list[int] = field(default_factory=list)
     suppressed_ids: list[int] = field(default_factory=list)
@@ -220,11 +225,10 @@ class _HostLists:
             if seq.num_tokens > len(token_ids):  # its newest token is still on the device: a slot for it
                 assert seq.num_tokens == len(token_ids) + 1 and in_flight is not None \
                     and seq.seq_id in in_flight.rows, "a placeholder is the previous step's sample"
-                self.in_flight_positions.append(self.num_output_ids + len(output_ids))
+                self.in_flight_slots.append(len(self.output_token_ids))
                 self.in_flight_rows.append(in_flight.rows[seq.seq_id])
                 output_ids = np.append(output_ids, 0)
             self.output_token_ids.append(output_ids)
-            self.num_output_ids += len(output_ids)
             self.prompt_token_ids.append(token_ids[:seq.num_prompt_tokens if p.repetition_penalty != 1 else 0])
         if suppressing:
             self.suppressed_slots.extend([slot] * len(seq.all_stop_token_ids))
@@ -256,7 +260,7 @@ class _HostLists:
                     prompt_starts=prompt_starts, prompt_token_ids=_concat(self.prompt_token_ids),
                     suppressed_slots=self.suppressed_slots, suppressed_ids=self.suppressed_ids, keys=keys,
                     logprob_rows=self.logprob_rows, guided_slots=self.guided_slots,
-                    in_flight_positions=self.in_flight_positions, in_flight_rows=self.in_flight_rows)
+                    in_flight_positions=output_starts[1:][self.in_flight_slots] - 1, in_flight_rows=self.in_flight_rows)
         floats = dict(temperatures=self.temperatures, top_k_top_ps=self.top_k_top_ps, log_min_ps=self.log_min_ps,
                       top_ps=self.top_ps, presence_penalties=self.presence_penalties,
                       frequency_penalties=self.frequency_penalties, repetition_penalties=self.repetition_penalties)
@@ -266,8 +270,8 @@ class _HostLists:
         tensors["bitmask"] = upload(self._bitmask(), device)
         tensors.update(zip(floats, upload(float_host, device).split([len(v) for v in floats.values()])))
         positions, rows = tensors.pop("in_flight_positions"), tensors.pop("in_flight_rows")
-        if self.in_flight_positions:  # after the upload, on the stream that sampled them
-            tensors["output_token_ids"][positions] = in_flight.token_ids[rows]
+        if self.in_flight_slots:  # each such slot's last entry, after the upload, on the stream that sampled them
+            scatter_prev_sampled(tensors["output_token_ids"], positions, rows, in_flight.token_ids)
         return SamplingMetadata(num_rows, self.plain, self.max_top_k, self.max_logprobs,
                                 any(r != 1 for r in self.repetition_penalties), self.logprob_rows, **tensors)
 

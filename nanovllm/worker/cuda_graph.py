@@ -18,7 +18,8 @@ import torch
 from torch import nn
 
 from nanovllm.attention import PAD_SLOT_ID, AttentionMetadata, forward_context
-from nanovllm.worker.inputs import StepInput, scatter_prev_sampled
+from nanovllm.sample.metadata import scatter_prev_sampled
+from nanovllm.worker.inputs import StepInput
 
 logger = logging.getLogger(__name__)
 

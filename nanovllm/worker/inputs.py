@@ -25,6 +25,7 @@ import numpy as np
 import torch
 
 from nanovllm.attention import AttentionMetadata, CascadeMetadata
+from nanovllm.sample.metadata import scatter_prev_sampled
 from nanovllm.worker.cascade import CascadePlan, CascadePolicy, plan_cascade
 
 
@@ -144,13 +145,6 @@ def prepare_step(seqs: list[ScheduledSequence], is_prefill: bool, block_size: in
     if any(seq.num_cached_tokens for seq in seqs):  # attend over cached prefixes too
         step.block_tables = [seq.block_table for seq in seqs]
     return step
-
-
-def scatter_prev_sampled(input_ids: torch.Tensor, rows: torch.Tensor, indices: torch.Tensor,
-                         prev_sampled: torch.Tensor):
-    """input_ids[rows] = prev_sampled[indices] on the device, without a sync: the placeholders'
-    values. input_ids: [num_tokens] int64; rows, indices: [num_placeholders] int64; prev_sampled: [n]."""
-    input_ids.index_copy_(0, rows, prev_sampled.index_select(0, indices))
 
 
 def upload_ints(device: torch.device, *arrays: list[int]) -> list[torch.Tensor]:
