@@ -136,22 +136,17 @@ def test_ray_data_parquet_example(ray_cluster, qwen3_tied, llm, tmp_path):
     assert list(result["num_generated_tokens"]) == [2 + i for i in range(7)]
 
 
-def test_killed_replica_loses_no_request(dp_llm, monkeypatch, caplog):
-    """Runs last: kills replica 1 of the module's engine while generate runs, then shuts it down.
-    The reference is the same call on both replicas (which test_generate_matches_one_engine ties
-    to one engine)."""
-    monkeypatch.setattr(data_parallel, "REPORT_INTERVAL_S", 0.02)
-    prompts = [[(3 * i + j) % 3000 + 1 for j in range(4 + i)] for i in range(12)]
-    params = [SamplingParams(temperature=0, ignore_eos=True, max_tokens=10 + 15 * (i % 6)) for i in range(12)]
-    expected = dp_llm.generate(prompts, params, use_tqdm=False)
-    engine = dp_llm.llm_engine
-    victim = engine.replicas[1]
+def kill_replica_mid_run(dp_llm, prompts, params, caplog):
+    """Runs `generate` on a thread and kills replica 1 once it has answered some requests and
+    holds others; returns that call's outputs and the replica killed. Asserts the kill came mid-run,
+    the call ended, and the log named the replica."""
+    victim = dp_llm.llm_engine.replicas[1]
     outputs = []
     thread = threading.Thread(target=lambda: outputs.extend(dp_llm.generate(prompts, params, use_tqdm=False)))
     with caplog.at_level(logging.WARNING, logger=data_parallel.__name__):
         thread.start()
         most, deadline = 0, time.monotonic() + CALL_TIMEOUT_S
-        while time.monotonic() < deadline:  # kill once it has answered some requests and holds others
+        while time.monotonic() < deadline:
             held = len(victim.in_flight)
             most = max(most, held)
             if 0 < held < most:
@@ -161,9 +156,14 @@ def test_killed_replica_loses_no_request(dp_llm, monkeypatch, caplog):
         thread.join(CALL_TIMEOUT_S)
     assert not thread.is_alive()
     assert 0 < held < most, "the replica was not killed mid-run"
-    _same_completions(outputs, expected)
     assert "replica 1" in caplog.text and "ray.kill" in caplog.text
-    [survivor] = engine.replicas
+    return outputs, victim
+
+
+def assert_shut_down(dp_llm, victim):
+    """After shutdown: both replicas' placement groups removed, the survivor's actor gone, and a
+    later call refused."""
+    [survivor] = dp_llm.llm_engine.replicas
     assert survivor is not victim
     dp_llm.shutdown()
     groups = [victim.placement_group, survivor.placement_group]
@@ -172,3 +172,16 @@ def test_killed_replica_loses_no_request(dp_llm, monkeypatch, caplog):
         ray.get(survivor.actor.info.remote(), timeout=CALL_TIMEOUT_S)
     with pytest.raises(RuntimeError, match="no replica left"):
         dp_llm.generate([[1]], use_tqdm=False)
+
+
+def test_killed_replica_loses_no_request(dp_llm, monkeypatch, caplog):
+    """Runs last: kills replica 1 of the module's engine while generate runs, then shuts it down.
+    The reference is the same call on both replicas (which test_generate_matches_one_engine ties
+    to one engine)."""
+    monkeypatch.setattr(data_parallel, "REPORT_INTERVAL_S", 0.02)
+    prompts = [[(3 * i + j) % 3000 + 1 for j in range(4 + i)] for i in range(12)]
+    params = [SamplingParams(temperature=0, ignore_eos=True, max_tokens=10 + 15 * (i % 6)) for i in range(12)]
+    expected = dp_llm.generate(prompts, params, use_tqdm=False)
+    outputs, victim = kill_replica_mid_run(dp_llm, prompts, params, caplog)
+    _same_completions(outputs, expected)
+    assert_shut_down(dp_llm, victim)
