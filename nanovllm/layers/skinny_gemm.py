@@ -36,22 +36,38 @@ if triton is not None:
                        FP8: tl.constexpr, SCALE_BLOCK: tl.constexpr, HAS_BIAS: tl.constexpr):
         n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
         r = tl.arange(0, ROWS)
-        kk = tl.arange(0, BLOCK_K)
         n_ok = n < N
-        w_rows = w_ptr + n.to(tl.int64)[:, None] * w_stride
-        acc = tl.zeros([ROWS, BLOCK_N, BLOCK_K], tl.float32)
-        for k0 in range(0, K, BLOCK_K):
-            k = k0 + kk
-            w_mask = n_ok[:, None] if EVEN_K else n_ok[:, None] & (k < K)[None, :]
-            x_mask = (r < M)[:, None] if EVEN_K else (r < M)[:, None] & (k < K)[None, :]
-            w = tl.load(w_rows + k[None, :], mask=w_mask, other=0.0).to(tl.float32)  # [BLOCK_N, BLOCK_K]
-            if FP8:  # the scale of each element's block
-                s = tl.load(s_ptr + (n // SCALE_BLOCK)[:, None] * s_stride + (k // SCALE_BLOCK)[None, :],
-                            mask=w_mask, other=0.0)
-                w = w * s
-            x = tl.load(x_ptr + r[:, None] * x_stride + k[None, :], mask=x_mask, other=0.0).to(tl.float32)
-            acc += x[:, None, :] * w[None, :, :]
-        y = tl.sum(acc, axis=2)  # [ROWS, BLOCK_N]
+        if FP8:
+            # k split as (scale block j, column c): a program's BLOCK_N rows share one row of scales
+            # (BLOCK_N divides SCALE_BLOCK), so the scales multiply the activations, BLOCK_K / SCALE_BLOCK
+            # of them per step, rather than every weight
+            j = tl.arange(0, BLOCK_K // SCALE_BLOCK)
+            c = tl.arange(0, SCALE_BLOCK)
+            s_row = s_ptr + (tl.program_id(0) * BLOCK_N // SCALE_BLOCK) * s_stride
+            w_rows = w_ptr + n.to(tl.int64)[:, None, None] * w_stride
+            acc = tl.zeros([ROWS, BLOCK_N, BLOCK_K // SCALE_BLOCK, SCALE_BLOCK], tl.float32)
+            for k0 in range(0, K, BLOCK_K):
+                kb = k0 // SCALE_BLOCK + j
+                k = kb[:, None] * SCALE_BLOCK + c[None, :]  # [J, SCALE_BLOCK]
+                w_mask = n_ok[:, None, None] if EVEN_K else n_ok[:, None, None] & (k < K)[None]
+                x_mask = (r < M)[:, None, None] if EVEN_K else (r < M)[:, None, None] & (k < K)[None]
+                w = tl.load(w_rows + k[None], mask=w_mask, other=0.0).to(tl.float32)  # [BLOCK_N, J, SCALE_BLOCK]
+                scale = tl.load(s_row + kb, mask=kb * SCALE_BLOCK < K, other=0.0)  # [J]
+                x = tl.load(x_ptr + r[:, None, None] * x_stride + k[None], mask=x_mask, other=0.0).to(tl.float32)
+                acc += (x * scale[None, :, None])[:, None] * w[None]
+            y = tl.sum(tl.sum(acc, axis=3), axis=2)  # [ROWS, BLOCK_N]
+        else:
+            kk = tl.arange(0, BLOCK_K)
+            w_rows = w_ptr + n.to(tl.int64)[:, None] * w_stride
+            acc = tl.zeros([ROWS, BLOCK_N, BLOCK_K], tl.float32)
+            for k0 in range(0, K, BLOCK_K):
+                k = k0 + kk
+                w_mask = n_ok[:, None] if EVEN_K else n_ok[:, None] & (k < K)[None, :]
+                x_mask = (r < M)[:, None] if EVEN_K else (r < M)[:, None] & (k < K)[None, :]
+                w = tl.load(w_rows + k[None, :], mask=w_mask, other=0.0).to(tl.float32)  # [BLOCK_N, BLOCK_K]
+                x = tl.load(x_ptr + r[:, None] * x_stride + k[None, :], mask=x_mask, other=0.0).to(tl.float32)
+                acc += x[:, None, :] * w[None, :, :]
+            y = tl.sum(acc, axis=2)  # [ROWS, BLOCK_N]
         if HAS_BIAS:
             y += tl.load(b_ptr + n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
         tl.store(y_ptr + r[:, None] * y_stride + n[None, :], y.to(y_ptr.dtype.element_ty),
@@ -111,6 +127,7 @@ def skinny_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     if m:
         rows = triton.next_power_of_2(m)
         block_n, block_k, num_warps = config or CONFIGS[rows]
+        assert not fp8 or (scale_block % block_n == 0 and block_k % scale_block == 0)
         scales = weight_scale if fp8 else weight  # an unused pointer without FP8
         _skinny_kernel[(triton.cdiv(n, block_n),)](
             x2, x2.stride(0), weight, weight.stride(0), scales, scales.stride(0), bias if bias is not None else y,

@@ -31,8 +31,9 @@ def check(device: str, n: int = 200, ks=(256, 320), rows=tuple(range(1, MAX_ROWS
                         torch.testing.assert_close(got.double(), want, rtol=tol, atol=tol * k ** 0.5,
                                                    msg=f"skinny {name} m={m} k={k} bias={b is not None} {config}")
                     want8 = x.double() @ w_deq.T + (0 if b is None else b.double())
-                    got8 = skinny_linear(x.to(device), w_fp8.to(device), None if b is None else b.to(device),
-                                         weight_scale=scale.to(device)).cpu()
-                    torch.testing.assert_close(got8.double(), want8, rtol=tol, atol=tol * k ** 0.5,
-                                               msg=f"skinny fp8 {name} m={m} k={k} bias={b is not None}")
+                    for config in (None, *(c for c in configs if 128 % c[0] == 0 and c[1] % 128 == 0)):
+                        got8 = skinny_linear(x.to(device), w_fp8.to(device), None if b is None else b.to(device),
+                                             weight_scale=scale.to(device), config=config).cpu()
+                        torch.testing.assert_close(got8.double(), want8, rtol=tol, atol=tol * k ** 0.5,
+                                                   msg=f"skinny fp8 {name} m={m} k={k} bias={b is not None} {config}")
     assert set(CONFIGS) == {1, 2, 4, 8}
