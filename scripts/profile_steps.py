@@ -8,6 +8,7 @@ before the step (from the previous step's end to this one's start: host time not
 the GPU). Averages by batch size, then totals. CUDA only, one GPU.
 
     python scripts/profile_steps.py [--num-seqs 256] [--no-async-scheduling] [bench.py's options]
+    python scripts/profile_steps.py --workload shared-prefix --cascade   # that workload alone
 """
 import argparse
 import sys
@@ -49,8 +50,8 @@ class StepClock:
             record["gpu_start"] = _event()
             return execute_model(inputs, *targets)
 
-        def timed_sample(output, seqs):
-            result = sample(output, seqs)
+        def timed_sample(*args):
+            result = sample(*args)
             self.current["results"] = time.perf_counter()
             return result
 
@@ -145,10 +146,13 @@ def main():
     llm = bench.make_llm(bench_args, folder.name)  # bench.py's defaults
     warm_up, variants = bench.workloads(argparse.Namespace(num_seqs=args.num_seqs, max_input_len=1024,
                                                            max_output_len=1024, mixed_sampling=True))
+    if bench_args.workload in bench.SHARED_WORKLOADS:  # --workload shared-prefix / n-samples instead
+        prompts, params = bench.shared_workload(bench_args.workload, bench_args.num_seqs)
+        variants = {bench_args.workload: (prompts, [params] * len(prompts))}
     llm.generate([warm_up], SamplingParams(), use_tqdm=False)
     clock = StepClock(llm)
     for name, (prompts, params) in variants.items():
-        num_tokens = sum(p.max_tokens for p in params)
+        num_tokens = sum(p.max_tokens * p.n for p in params)
         start = time.perf_counter()
         llm.generate(prompts, params, use_tqdm=False)
         elapsed = time.perf_counter() - start
