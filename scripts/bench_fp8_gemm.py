@@ -2,10 +2,13 @@
 
     python scripts/bench_fp8_gemm.py            # all shapes, M = 1, 16, 256, 4096; then the logit check
     python scripts/bench_fp8_gemm.py --sweep    # also time other tile configs per shape and M
+    python scripts/bench_fp8_gemm.py --m 32 64 128   # other row counts
 
 Per (shape, M): the median time of one call, timed as CUDA-graph replays of calls that each read
 a different copy of the weights (so that W comes from HBM, not L2, and launch overhead is out),
-for the activation quantization, the GEMM, the whole FP8 linear and bf16 torch.matmul; GB/s of
+for the activation quantization, the Triton GEMM, the whole FP8 linear (`apply`: Triton below
+CUBLAS_MIN_ROWS rows, cuBLAS's block-scaled GEMM from there where it runs), each of its two paths
+with its quantization, and bf16 torch.matmul; GB/s of
 weight bytes, TFLOP/s, and the fraction of the floor max(weight bytes / HBM_BW, flops / peak).
 Correctness: the FP8 linear against float32 on the dequantized weights, and against bf16 on the
 original weights (the quantization error). Last, a random-weight stack of Qwen3-8B MLP blocks
@@ -23,7 +26,8 @@ from nanovllm.layers.activation import SiluAndMul
 from nanovllm.layers.linear import MergedColumnParallelLinear, RowParallelLinear
 from nanovllm.layers.quantization.config import Fp8Config
 from nanovllm.layers.quantization.fp8 import apply, dequantize_weight_blockwise, quantize_weight_blockwise
-from nanovllm.layers.quantization.fp8_kernels import (Fp8GemmConfig, fp8_block_matmul, gemm_config, num_sms,
+from nanovllm.layers.quantization.fp8_kernels import (Fp8GemmConfig, cublas_block_matmul, cublas_supported,
+                                                      fp8_block_matmul, gemm_config, num_sms,
                                                       per_token_group_quant_fp8)
 
 HBM_BYTES_PER_S = 4.3e12  # H200, achievable
@@ -81,6 +85,14 @@ def bench_shape(name: str, N: int, K: int, M: int, sweep: bool):
     t_gemm = graph_time([lambda q=q, s=s: fp8_block_matmul(x_q, x_s, q, s, torch.bfloat16) for q, s in fp8_weights])
     t_fp8 = graph_time([lambda q=q, s=s: apply(x, q, s, None) for q, s in fp8_weights])
     t_bf16 = graph_time([lambda b=b: torch.matmul(x, b.T) for b in bf16_weights])
+    t_triton = graph_time([lambda q=q, s=s: fp8_block_matmul(*per_token_group_quant_fp8(x), q, s, torch.bfloat16)
+                           for q, s in fp8_weights])
+    paths = f"triton {t_triton * 1e6:8.1f} us"
+    if cublas_supported(x.device):
+        t_cublas = graph_time([lambda q=q, s=s: cublas_block_matmul(x, q, s, torch.bfloat16) for q, s in fp8_weights])
+        y_cublas = cublas_block_matmul(x, w_q, w_s, torch.float32)
+        err_cublas = ((y_cublas - ref_deq).norm() / ref_deq.norm()).item()
+        paths += f", cublas {t_cublas * 1e6:8.1f} us (rel err {err_cublas:.1e})"
     flops = 2 * M * N * K
     floor_fp8 = max(N * K / HBM_BYTES_PER_S, flops / FP8_FLOPS)
     floor_bf16 = max(2 * N * K / HBM_BYTES_PER_S, flops / BF16_FLOPS)
@@ -90,7 +102,7 @@ def bench_shape(name: str, N: int, K: int, M: int, sweep: bool):
           f"{N * K / t_gemm / 1e9:7.0f} GB/s {flops / t_gemm / 1e12:6.1f} TFLOP/s, floor {floor_fp8 / t_fp8:5.1%} | "
           f"bf16 {t_bf16 * 1e6:8.1f} us {2 * N * K / t_bf16 / 1e9:7.0f} GB/s {flops / t_bf16 / 1e12:6.1f} TFLOP/s, "
           f"floor {floor_bf16 / t_bf16:5.1%} | speed-up {t_bf16 / t_fp8:4.2f}x | rel err vs dequant {err_deq:.1e}, "
-          f"vs bf16 {err_bf16:.1e} | tiles {config.block_m}x{config.block_n} split {config.split_k}")
+          f"vs bf16 {err_bf16:.1e} | tiles {config.block_m}x{config.block_n} split {config.split_k} | {paths}")
     assert err_deq < 3e-2, f"{name} M={M}: FP8 linear off the dequantized reference by {err_deq:.2e}"
     if sweep:
         results = []
@@ -155,12 +167,16 @@ def logit_error(tokens: int = 256, layers: int = 8, vocab: int = 32000):
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sweep", action="store_true", help="also time other tile configs")
+    parser.add_argument("--m", type=int, nargs="+", default=MS, help="row counts (default: %(default)s)")
+    parser.add_argument("--no-logits", action="store_true", help="skip the logit check")
     args = parser.parse_args()
-    print(torch.cuda.get_device_name(), f"{num_sms(torch.device('cuda'))} SMs")
-    for M in MS:
+    print(torch.cuda.get_device_name(), f"{num_sms(torch.device('cuda'))} SMs, "
+          f"cuBLAS block-scaled FP8: {cublas_supported(torch.device('cuda'))}")
+    for M in args.m:
         for name, (N, K) in SHAPES.items():
             bench_shape(name, N, K, M, args.sweep)
-    logit_error()
+    if not args.no_logits:
+        logit_error()
 
 
 if __name__ == "__main__":

@@ -223,6 +223,7 @@ def test_quantize_weight_blockwise_reference():
 def test_fp8_kernels_interpreted():
     run_interpreted("fp8_gemm", M=5, N=192, K=320, configs=[[16, 64, 1], [16, 64, 2], [32, 128, 3], [16, 256, 5]])
     run_interpreted("fp8_gemm", M=1, N=130, K=256)
+    run_interpreted("fp8_gemm", M=2, N=128, K=1200)  # 10 groups: two quantization programs, the second partial
 
 
 @pytest.mark.gpu
@@ -232,6 +233,25 @@ def test_fp8_kernels_gpu():
     for M in (1, 16, 100, 300):
         check("cuda", M=M, N=6144, K=4096, configs=[[16, 64, 4], [64, 128, 1], [128, 128, 1]])
     check("cuda", M=7, N=200, K=330, configs=[[16, 64, 2], [16, 128, 3]])
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cublas_found_under_the_loaders_default_dtype():
+    """sm_90 with CUDA >= 12.9 has cuBLAS's block-scaled FP8 GEMM, and the check for it finds it while
+    the model loader's default dtype is bfloat16 (where it runs in the engine)."""
+    from nanovllm.layers.quantization.fp8_kernels import cublas_supported
+    cuda = tuple(int(v) for v in torch.version.cuda.split(".")[:2])
+    if torch.cuda.get_device_capability() != (9, 0) or cuda < (12, 9):
+        pytest.skip("cuBLAS's block-scaled FP8 GEMM needs sm_90 and CUDA >= 12.9")
+    cublas_supported.cache_clear()
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(torch.bfloat16)
+    try:
+        assert cublas_supported(torch.device("cuda", 0))
+    finally:
+        torch.set_default_dtype(default)
+        cublas_supported.cache_clear()
 
 
 @pytest.mark.gpu

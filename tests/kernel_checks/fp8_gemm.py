@@ -14,7 +14,8 @@ import torch.nn.functional as F
 
 from nanovllm.layers.quantization.fp8 import apply, dequantize_weight_blockwise
 from nanovllm.layers.quantization.fp8_kernels import (FP8_DTYPE, FP8_MAX, GROUP_SIZE, Fp8GemmConfig,
-                                                      fp8_block_matmul, per_token_group_quant_fp8)
+                                                      cublas_block_matmul, cublas_supported, fp8_block_matmul,
+                                                      per_token_group_quant_fp8)
 
 FP8_HALF_ULP = 2.0 ** -4  # e4m3: 3 mantissa bits, round to nearest
 FP8_MIN_SUBNORMAL = 2.0 ** -9
@@ -51,6 +52,30 @@ def check_act_quant(x: torch.Tensor, exact: bool):
         assert (error <= 1.01 * FP8_HALF_ULP * unrounded.abs() + FP8_MIN_SUBNORMAL).all(), error.max()
 
 
+def check_padded_column_major(x: torch.Tensor):
+    """Rows padded to a multiple of 4 and scales stored column-major (cuBLAS's operands): the same
+    values as the plain layout, zeros in the padding rows."""
+    M, K = x.shape
+    q, scale = per_token_group_quant_fp8(x)
+    q4, scale4 = per_token_group_quant_fp8(x, row_multiple=4, column_major_scales=True)
+    rows = -(-M // 4) * 4
+    assert q4.shape == (rows, K) and scale4.shape == (rows, scale.shape[1]) and scale4.stride() == (1, rows)
+    assert torch.equal(q4[:M].view(torch.uint8), q.view(torch.uint8)) and torch.equal(scale4[:M], scale)
+    assert (q4[M:].float() == 0).all() and (scale4[M:] > 0).all() and torch.isfinite(scale4).all()
+
+
+def check_cublas(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor):
+    """cuBLAS's block-scaled product against float64 on the same FP8 operands."""
+    M, K = x.shape
+    N = w.shape[0]
+    a, a_scale = per_token_group_quant_fp8(x)
+    ref = (a.double() * _expand(a_scale, M, K, 1)) @ (w.double() * _expand(w_scale, N, K, GROUP_SIZE)).T
+    for out_dtype, rtol in ((torch.float32, 1e-3), (torch.bfloat16, 1e-2)):
+        out = cublas_block_matmul(x, w, w_scale, out_dtype)
+        assert out.shape == (M, N) and out.dtype == out_dtype
+        torch.testing.assert_close(out.double(), ref, rtol=rtol, atol=rtol * ref.abs().max().item())
+
+
 def random_fp8_weight(N: int, K: int, device) -> tuple[torch.Tensor, torch.Tensor]:
     """(float8 [N, K], scale [ceil(N/128), ceil(K/128)]): values spread over the FP8 range."""
     w = (torch.randn(N, K, device=device) * 64).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE)
@@ -82,8 +107,11 @@ def check(device: str, M: int, N: int, K: int, configs: list[list[int]] = ()):
         check_act_quant(x.to(dtype), exact=True)
         if os.environ.get("TRITON_INTERPRET") != "1":
             check_act_quant(torch.randn(M, K, device=device, dtype=dtype) * 3, exact=False)
+    check_padded_column_major(x)
     a, a_scale = per_token_group_quant_fp8(x)
     w, w_scale = random_fp8_weight(N, K, device)
+    if N % GROUP_SIZE == 0 and K % (4 * GROUP_SIZE) == 0 and cublas_supported(torch.device(device)):
+        check_cublas(x, w, w_scale)
     for config in [None, *(Fp8GemmConfig(block_m=bm, block_n=bn, split_k=sk) for bm, bn, sk in configs)]:
         check_gemm(a, a_scale, w, w_scale, config, torch.float32)
     check_gemm(a, a_scale, w, w_scale, None, torch.bfloat16)

@@ -11,7 +11,7 @@ rather than one scale per output channel: one format and one GEMM for both paths
 scale follows the weights' local range more closely than a whole row's.
 
 After loading (`process_weights_after_loading`): on a GPU the layer keeps FP8 weights and
-`apply` runs the Triton kernels; on the CPU the weights are dequantized into the compute dtype
+`apply` runs the Triton kernels, or cuBLAS's block-scaled GEMM for larger batches where it has one; on the CPU the weights are dequantized into the compute dtype
 once and the layer runs as an unquantized one (no FP8 GEMM there), so that CPU outputs are those
 of the dequantized model.
 """
@@ -20,7 +20,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from nanovllm.layers.quantization.config import Fp8Config
-from nanovllm.layers.quantization.fp8_kernels import FP8_DTYPE, FP8_MAX, fp8_block_matmul, per_token_group_quant_fp8
+from nanovllm.layers.quantization.fp8_kernels import (FP8_DTYPE, FP8_MAX, cublas_block_matmul, cublas_supported,
+                                                      fp8_block_matmul, per_token_group_quant_fp8, use_cublas)
 
 # tiny but normal float32: an all-zero block gets this scale instead of a division by zero
 SCALE_FLOOR = torch.finfo(torch.float32).tiny
@@ -62,6 +63,7 @@ def process_weights_after_loading(layer: nn.Module, config: Fp8Config, dtype: to
     else:
         weight, scale = quantize_weight_blockwise(layer.weight.data, config.weight_block_size)
     if weight.device.type == "cuda":
+        cublas_supported(weight.device)  # tried now, not first inside a CUDA-graph capture
         layer.weight = nn.Parameter(weight, requires_grad=False)
         layer.weight_scale_inv = nn.Parameter(scale, requires_grad=False)
     else:
@@ -74,8 +76,12 @@ def apply(x: torch.Tensor, weight: torch.Tensor, weight_scale_inv: torch.Tensor,
           bias: torch.Tensor | None) -> torch.Tensor:
     """x [..., in] in the model dtype, FP8 weight [out, in] -> [..., out] in x's dtype."""
     x2 = x.reshape(-1, x.shape[-1])  # [num_tokens, in]
-    x_q, x_scale = per_token_group_quant_fp8(x2 if x2.stride(-1) == 1 else x2.contiguous())
-    y = fp8_block_matmul(x_q, x_scale, weight, weight_scale_inv, x.dtype)  # [num_tokens, out]
+    if x2.stride(-1) != 1:
+        x2 = x2.contiguous()
+    if use_cublas(x2.shape[0], weight.shape[0], weight.shape[1], x.device):
+        y = cublas_block_matmul(x2, weight, weight_scale_inv, x.dtype)  # [num_tokens, out]
+    else:
+        y = fp8_block_matmul(*per_token_group_quant_fp8(x2), weight, weight_scale_inv, x.dtype)
     if bias is not None:
         y += bias
     return y.view(*x.shape[:-1], weight.shape[0])

@@ -1,4 +1,5 @@
-"""Triton kernels of the FP8 linear: activation quantization and the block-scaled GEMM.
+"""Kernels of the FP8 linear: activation quantization and the block-scaled GEMM, in Triton, and
+cuBLAS's block-scaled GEMM where torch and the GPU have it.
 
 - `per_token_group_quant_fp8`: each token's activations, in groups of GROUP_SIZE (128) columns,
   become float8_e4m3fn values and one float32 scale per group (scale = amax / 448).
@@ -8,50 +9,66 @@
 Both run without host syncs and with output sizes known from the inputs' shapes, so they can be
 captured in CUDA graphs. Tiles come from `gemm_config`, a small heuristic on M: batch-1 decode is
 bound by reading the weights, so small M gets small tiles and split-K to fill every SM.
+- `cublas_block_matmul`: the same product in cuBLAS (torch._scaled_mm with 1x128 / 128x128 block
+  scales, sm_90, CUDA >= 12.9), taken by `use_cublas` at larger batches.
 """
 import functools
+import logging
 from dataclasses import dataclass
 
 import torch
 import triton
 import triton.language as tl
 
+logger = logging.getLogger(__name__)
+
 FP8_DTYPE = torch.float8_e4m3fn
 FP8_MAX = torch.finfo(FP8_DTYPE).max  # 448
 GROUP_SIZE = 128  # activation group = weight block along K: one scale pair per K block
 AMAX_FLOOR = 1e-10  # an all-zero group gets a tiny scale instead of a division by zero
+QUANT_GROUPS_PER_PROGRAM = 8  # 1,024 columns: 16-byte loads for every thread of 4 warps
 NUM_SMS_OFF_GPU = 4  # what the tile heuristic assumes under Triton's interpreter
 
 
 @triton.jit
-def _act_quant_kernel(x_ptr, q_ptr, s_ptr, K, stride_xm, num_groups,
-                      GROUP: tl.constexpr, QMAX: tl.constexpr, FLOOR: tl.constexpr):
+def _act_quant_kernel(x_ptr, q_ptr, s_ptr, M, K, stride_xm, stride_sm, stride_sg, num_groups,
+                      GROUP: tl.constexpr, GROUPS: tl.constexpr, QMAX: tl.constexpr, FLOOR: tl.constexpr):
+    # one row's GROUPS groups of GROUP columns per program, as a [GROUPS, GROUP] tile
     row = tl.program_id(0).to(tl.int64)
-    group = tl.program_id(1)
-    cols = group * GROUP + tl.arange(0, GROUP)
-    mask = cols < K
-    x = tl.load(x_ptr + row * stride_xm + cols, mask=mask, other=0.0).to(tl.float32)
-    scale = tl.maximum(tl.max(tl.abs(x), axis=0), FLOOR) / QMAX
-    q = tl.clamp(x / scale, -QMAX, QMAX)
-    tl.store(q_ptr + row * K + cols, q.to(q_ptr.dtype.element_ty), mask=mask)
-    tl.store(s_ptr + row * num_groups + group, scale)
+    groups = tl.program_id(1) * GROUPS + tl.arange(0, GROUPS)
+    cols = groups[:, None] * GROUP + tl.arange(0, GROUP)[None, :]
+    real_cols = tl.where(row < M, K, 0)  # padding rows (row >= M) read as zeros
+    x = tl.load(x_ptr + row * stride_xm + cols, mask=cols < real_cols, other=0.0).to(tl.float32)
+    scale = tl.maximum(tl.max(tl.abs(x), axis=1), FLOOR) / QMAX  # [GROUPS]
+    q = tl.clamp(x / scale[:, None], -QMAX, QMAX)
+    tl.store(q_ptr + row * K + cols, q.to(q_ptr.dtype.element_ty), mask=cols < K)
+    tl.store(s_ptr + row * stride_sm + groups * stride_sg, scale, mask=groups < num_groups)
 
 
-def per_token_group_quant_fp8(x: torch.Tensor, out: tuple[torch.Tensor, torch.Tensor] | None = None
+def per_token_group_quant_fp8(x: torch.Tensor, out: tuple[torch.Tensor, torch.Tensor] | None = None,
+                              row_multiple: int = 1, column_major_scales: bool = False
                               ) -> tuple[torch.Tensor, torch.Tensor]:
-    """x [M, K] (rows may be strided) -> (q float8_e4m3fn [M, K], scale float32 [M, ceil(K / 128)]),
-    x ~= q * scale of its group. `out`: contiguous (q, scale) to write into; None allocates them."""
+    """x [M, K] (rows may be strided) -> (q float8_e4m3fn [M', K], scale float32 [M', ceil(K / 128)]),
+    x ~= q * scale of its group, M' = M rounded up to `row_multiple` (padding rows are zeros, with
+    the floor's scale). `column_major_scales`: scale is a [M', groups] view of [groups, M'] storage,
+    the layout cuBLAS's block-scaled GEMM reads. `out`: contiguous (q, scale) to write into; None
+    allocates them."""
     assert x.dim() == 2 and x.stride(1) == 1
     M, K = x.shape
+    rows = -(-M // row_multiple) * row_multiple
     num_groups = triton.cdiv(K, GROUP_SIZE)
     if out is None:
-        out = (torch.empty(M, K, dtype=FP8_DTYPE, device=x.device),
-               torch.empty(M, num_groups, dtype=torch.float32, device=x.device))
+        q = torch.empty(rows, K, dtype=FP8_DTYPE, device=x.device)
+        scale = (torch.empty(num_groups, rows, dtype=torch.float32, device=x.device).t() if column_major_scales
+                 else torch.empty(rows, num_groups, dtype=torch.float32, device=x.device))
+        out = q, scale
     q, scale = out
-    assert q.shape == (M, K) and scale.shape == (M, num_groups) and q.is_contiguous() and scale.is_contiguous()
-    if M:
-        _act_quant_kernel[(M, num_groups)](x, q, scale, K, x.stride(0), num_groups,
-                                           GROUP=GROUP_SIZE, QMAX=FP8_MAX, FLOOR=AMAX_FLOOR)
+    assert q.shape == (rows, K) and scale.shape == (rows, num_groups) and q.is_contiguous()
+    if rows:
+        groups = min(QUANT_GROUPS_PER_PROGRAM, triton.next_power_of_2(num_groups))
+        _act_quant_kernel[(rows, triton.cdiv(num_groups, groups))](
+            x, q, scale, M, K, x.stride(0), scale.stride(0), scale.stride(1), num_groups,
+            GROUP=GROUP_SIZE, GROUPS=groups, QMAX=FP8_MAX, FLOOR=AMAX_FLOOR)
     return q, scale
 
 
@@ -163,5 +180,53 @@ def fp8_block_matmul(a: torch.Tensor, a_scale: torch.Tensor, w: torch.Tensor, w_
                            SCALE_BLOCK_N=GROUP_SIZE, GROUP_M=config.group_m, EVEN_K=K % GROUP_SIZE == 0,
                            num_warps=config.num_warps, num_stages=config.num_stages)
     if config.split_k > 1:
-        out.copy_(c.sum(0))
+        torch.sum(c, 0, out=out)
     return out
+
+
+# ---- cuBLAS ----------------------------------------------------------------------------------------
+# From CUDA 12.9 cuBLAS multiplies FP8 matrices with per-(1 x 128) activation scales and per-(128 x 128)
+# weight scales on sm_90, which torch exposes through torch._scaled_mm. At larger row counts it is
+# faster than the Triton GEMM above; `use_cublas` decides per call.
+CUBLAS_MIN_ROWS = 65  # fewer rows: the Triton GEMM's small tiles and split-K win (scripts/bench_fp8_gemm.py)
+
+
+def use_cublas(M: int, N: int, K: int, device: torch.device) -> bool:
+    """Whether `cublas_block_matmul` takes this product: enough rows, whole 128-blocks along N, and
+    K blocks in multiples of 4 (cuBLAS's layout for the weight scales, which are then used as stored)."""
+    return M >= CUBLAS_MIN_ROWS and N % GROUP_SIZE == 0 and K % (4 * GROUP_SIZE) == 0 and cublas_supported(device)
+
+
+@functools.lru_cache(maxsize=None)
+def cublas_supported(device: torch.device) -> bool:
+    """Whether this GPU and torch build run the block-scaled FP8 product (sm_90 with CUDA >= 12.9):
+    tried once on a small product and checked against the Triton GEMM; a warning says why not on sm_90."""
+    if device.type != "cuda" or torch.cuda.get_device_capability(device) != (9, 0):
+        return False
+    # explicit dtypes: the model loader sets the default dtype to the model's
+    a = torch.randn(8, 512, device=device, dtype=torch.float32)
+    w = (torch.randn(256, 512, device=device, dtype=torch.float32) * 64).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE)
+    w_scale = torch.rand(2, 4, device=device, dtype=torch.float32) + 0.5
+    want = fp8_block_matmul(*per_token_group_quant_fp8(a), w, w_scale, torch.float32)
+    try:
+        got = cublas_block_matmul(a, w, w_scale, torch.float32)
+    except (RuntimeError, NotImplementedError, TypeError) as error:
+        logger.warning("FP8 linears use the Triton GEMM only: cuBLAS's block-scaled FP8 GEMM failed (%s)", error)
+        return False
+    if not torch.allclose(got, want, rtol=1e-2, atol=1e-2 * want.abs().max().item()):
+        logger.warning("FP8 linears use the Triton GEMM only: cuBLAS's block-scaled FP8 GEMM disagreed with it")
+        return False
+    return True
+
+
+def cublas_block_matmul(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor, out_dtype: torch.dtype
+                        ) -> torch.Tensor:
+    """x [M, K] (model dtype) quantized per token and 128 columns, times w [N, K] FP8 with w_scale
+    [N / 128, K / 128] (K / 128 a multiple of 4) -> [M, N] in out_dtype, in cuBLAS. Rows are padded
+    to a multiple of 4 for cuBLAS; the result is a view of the first M."""
+    M = x.shape[0]
+    q, scale = per_token_group_quant_fp8(x, row_multiple=4, column_major_scales=True)
+    # w.t() is column-major [K, N]; w_scale.t() is [K / 128, N / 128] with strides (1, K / 128)
+    y = torch._scaled_mm(q, w.t(), scale_a=scale, scale_b=w_scale.t(), out_dtype=out_dtype)
+    return y[:M]
+
