@@ -206,3 +206,42 @@ def test_gpu_engine_same_tokens_with_and_without_cascade(tmp_path, monkeypatch, 
     from transformers import AutoModelForCausalLM
     hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).cuda().eval()
     assert_greedy_close(hf, prompts, [o[0] for o in on], [o[0] for o in off])
+
+
+def test_warmup_step_takes_the_cascade_path_and_writes_nothing(qwen3_tied, monkeypatch):
+    """The start-up step that compiles the cascade kernels on CUDA (ModelRunner._warmup_cascade), here on
+    the CPU: every layer attends through the cascade path, and the KV cache is left as it was."""
+    import nanovllm.attention.torch_backend as torch_backend
+    llm = LLM(qwen3_tied, enable_cascade_attention=True, **ENGINE_ARGS)
+    try:
+        runner = llm.llm_engine.executor.runner
+        calls, real = [], torch_backend._cascade_decode
+        monkeypatch.setattr(torch_backend, "_cascade_decode", lambda *args: calls.append(1) or real(*args))
+        runner.kv_cache.normal_()
+        before = runner.kv_cache.clone()
+        runner._warmup_cascade()
+        assert len(calls) == len(runner.attention_layers)
+        assert torch.equal(runner.kv_cache, before)
+    finally:
+        llm.shutdown()
+
+
+@pytest.mark.gpu
+@gpu
+def test_gpu_engine_compiles_the_cascade_kernels_at_start(tmp_path):
+    """With cascade on, the engine's start-up compiles the cascade kernels, so the first step that
+    shares a prefix does not (seconds on an H200, inside the run)."""
+    from fixtures.checkpoints import write_tiny_qwen3
+    from nanovllm.attention import triton_cascade
+    path = write_tiny_qwen3(tmp_path, num_hidden_layers=2, hidden_size=512, num_attention_heads=8,
+                            num_key_value_heads=4, head_dim=128, intermediate_size=1024, dtype=torch.bfloat16, seed=3)
+    kernels = (triton_cascade._prefix_kernel, triton_cascade._cascade_merge_kernel)
+    for kernel in kernels:
+        kernel.device_caches.clear()  # compiled by earlier tests of this process
+    llm = LLM(path, enable_cascade_attention=True, attention_backend="triton", dtype="bfloat16", device="cuda",
+              max_model_len=2048, skip_tokenizer_init=True)
+    try:
+        for kernel in kernels:
+            assert sum(len(cache[0]) for cache in kernel.device_caches.values()) > 0, kernel
+    finally:
+        llm.shutdown()

@@ -31,6 +31,7 @@ from nanovllm.sample.metadata import InFlightTokens, SamplingSequence
 from nanovllm.sample.sampler import Sampler
 from nanovllm.utils.parallel import TensorParallelGroup, tensor_parallel_group
 from nanovllm.worker.async_output import AsyncSampledTokens
+from nanovllm.worker.cascade import CascadeGroup, CascadePlan, cascade_policy
 from nanovllm.worker.cuda_graph import CUDAGraphRunner
 from nanovllm.worker.inputs import PromptLogprobsTargets, StepInput, eager_inputs, upload_ints
 
@@ -92,6 +93,8 @@ class ModelRunner:
         self._allocate_kv_cache(self.num_kvcache_blocks)
         if self.device.type == "cuda":
             self._warmup_cached_prefill()
+            if cascade_policy(config) is not None:
+                self._warmup_cascade()
         if self.device.type == "cuda" and not config.enforce_eager:
             self.graph_runner = CUDAGraphRunner(self.model, config.graph_batch_sizes,
                                                 -(-config.max_model_len // self.block_size), hf_config.hidden_size,
@@ -183,6 +186,20 @@ class ModelRunner:
         self.execute_model(step)
         self.num_prev_logits = 0
         torch.cuda.synchronize(self.device)
+
+    @torch.inference_mode()
+    def _warmup_cascade(self):
+        """A two-row decode step whose rows share one block (block 0 as prefix and suffix, nothing
+        written), run through the cascade path, so that its kernels compile now rather than in the
+        first step that shares a prefix: cascade steps run eagerly, outside the CUDA graphs."""
+        size = self.block_size
+        step = StepInput(is_prefill=False, input_ids=[0, 0], positions=[size, size], slot_mapping=[PAD_SLOT_ID] * 2,
+                         block_tables=[[0, 0], [0, 0]], context_lens=[size + 1] * 2, logits_indices=[0, 1],
+                         cascade=CascadePlan([CascadeGroup([0, 1], 1)], size))
+        self.execute_model(step)
+        self.num_prev_logits = 0
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
 
     # ---- execution -------------------------------------------------------------------------
 
