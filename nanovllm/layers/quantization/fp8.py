@@ -11,9 +11,9 @@ rather than one scale per output channel: one format and one GEMM for both paths
 scale follows the weights' local range more closely than a whole row's.
 
 After loading (`process_weights_after_loading`): on a GPU the layer keeps FP8 weights and
-`apply` runs the Triton kernels, or cuBLAS's block-scaled GEMM for larger batches where it has one; on the CPU the weights are dequantized into the compute dtype
-once and the layer runs as an unquantized one (no FP8 GEMM there), so that CPU outputs are those
-of the dequantized model.
+`apply` runs the Triton kernels, or from 65 rows cuBLAS's block-scaled GEMM where torch and the GPU
+have it; on the CPU the weights are dequantized into the compute dtype once and the layer runs as an
+unquantized one (no FP8 GEMM there), so that CPU outputs are those of the dequantized model.
 """
 import torch
 import torch.nn.functional as F

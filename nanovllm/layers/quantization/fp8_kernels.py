@@ -229,4 +229,3 @@ def cublas_block_matmul(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor,
     # w.t() is column-major [K, N]; w_scale.t() is [K / 128, N / 128] with strides (1, K / 128)
     y = torch._scaled_mm(q, w.t(), scale_a=scale, scale_b=w_scale.t(), out_dtype=out_dtype)
     return y[:M]
-
