@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Everything the GPU machine checks, in one go: GPU tests, then benchmarks; a summary last.
 # Usage (repo root, on the GPU machine): bash scripts/gpu_check.sh [tests|bench|latency|bench8b|families|mixed|sampler|profile|
-#   kernels|async|cascade|fp8kv|moe|tp|ray|ray2|latency8b|profile_kernels|all]...
+#   kernels|async|cascade|fp8kv|fp8w|moe|tp|ray|ray2|latency8b|profile_kernels|all]...
 # tp needs two GPUs (device kind nvidia-h200-x2); all runs tests, bench and latency. ray (Ray dp=1 vs
 # the plain engine) and ray2 (dp=2, two GPUs) need Ray importable (the `ray` extra).
 # Expects flash-attn's wheel in .gpu/ (see README), installs it into /tmp/site.
@@ -34,7 +34,9 @@ for what in "${@:-all}"; do
                   "left over: $(nvidia-smi --query-compute-apps=pid --format=csv,noheader | wc -l) GPU processes, $(ls /dev/shm | grep -c nanovllm) shared-memory segments") ;;
     ray|ray2) dp=$([ "$what" = ray2 ] && echo 2 || echo 1)
         for i in 1 2; do python3 scripts/bench_ray.py --data-parallel-size $dp 2>&1 | tee -a "$OUT/bench_$what.log"; done
-        summary+=("ray dp=$dp vs plain: $(grep -E 'Throughput|/ plain' "$OUT/bench_$what.log" | tr '\n' ' ')") ;;
+        summary+=("ray dp=$dp vs plain: $(grep -E 'Throughput|/ plain' "$OUT/bench_$what.log" | tr '\n' ' ')")
+        if [ "$what" = ray2 ]; then python3 -m pytest -q -rA tests/test_ray_gpu.py 2>&1 | tee "$OUT/ray_gpu_tests.log"
+          summary+=("ray GPU tests: $(tail -n 1 "$OUT/ray_gpu_tests.log")"); fi ;;
     kernels) python3 scripts/count_kernels.py 2>&1 | tee -a "$OUT/kernels.log"
                summary+=("kernels: $(grep -E 'per layer|replay' "$OUT/kernels.log" | tr '\n' ' ')") ;;
     async) for flag in "" --no-async-scheduling; do python3 bench.py --latency $flag 2>&1 | tee -a "$OUT/async.log"; done
@@ -46,6 +48,12 @@ for what in "${@:-all}"; do
     fp8kv) for i in 1 2; do python3 bench.py --kv-cache-dtype fp8 2>&1 | tee -a "$OUT/fp8kv.log"; done
            python3 scripts/kv_cache_accuracy.py 2>&1 | tee -a "$OUT/fp8kv.log"
            summary+=("fp8 KV cache: $(grep -E 'Throughput|max abs' "$OUT/fp8kv.log" | tr '\n' ' ')") ;;
+    fp8w) python3 -m pytest -q -rA -m gpu tests/test_fp8.py 2>&1 | tee "$OUT/fp8w_tests.log"
+          python3 scripts/bench_fp8_gemm.py --m 1 256 4096 2>&1 | tee -a "$OUT/fp8w.log"
+          for i in 1 2; do for q in "" "--quantization fp8"; do
+            python3 bench.py --dummy-config Qwen3-8B $q 2>&1 | tee -a "$OUT/fp8w.log"; done; done
+          summary+=("FP8 weights tests: $(tail -n 1 "$OUT/fp8w_tests.log")"
+                    "8B bench bf16 / FP8 alternating: $(grep Throughput "$OUT/fp8w.log" | tr '\n' ' ')") ;;
     moe) python3 scripts/bench_moe.py 2>&1 | tee -a "$OUT/moe.log"
          python3 bench.py --dummy-config Qwen3-30B-A3B --repeat 2 2>&1 | tee -a "$OUT/moe.log"
          summary+=("MoE 30B-A3B: $(grep Throughput "$OUT/moe.log" | tr '\n' ' ')") ;;
