@@ -21,6 +21,7 @@ import multiprocessing as mp
 import os
 import pickle
 import signal
+import threading
 import time
 import uuid
 from collections.abc import Mapping
@@ -200,6 +201,13 @@ class Executor:
         for doorbell in self.doorbells:  # a waiting worker sees EOF and leaves
             doorbell.close()
         self.doorbells.clear()
+        group, self.tp_group = self.tp_group, SINGLE_RANK
+        closing = None
+        if not terminate and self.workers:
+            # A leaving worker closes the group, and NCCL's shutdown waits for every rank: rank 0
+            # closes its side meanwhile, on a thread, so that neither waits for the other to go first
+            closing = threading.Thread(target=group.destroy, name="nanovllm-tp-close", daemon=True)
+            closing.start()
         deadline = time.monotonic() + (0 if terminate else WORKER_JOIN_TIMEOUT_S)
         for process in self.workers:
             process.join(max(0.0, deadline - time.monotonic()))
@@ -212,8 +220,12 @@ class Executor:
                     process.kill()
                     process.join()
         self.workers.clear()
-        self.tp_group.destroy(abort=terminate)
-        self.tp_group = SINGLE_RANK
+        if closing is None:
+            group.destroy(abort=terminate)
+        else:
+            closing.join(WORKER_JOIN_TIMEOUT_S)
+            if closing.is_alive():  # a daemon thread: it does not keep the process from exiting
+                logger.warning("the tensor-parallel group did not close in %s s; leaving it", WORKER_JOIN_TIMEOUT_S)
         if self.shm is not None:
             self.shm.close()
             self.shm.unlink()
