@@ -28,8 +28,9 @@ def tokens(outputs) -> list[list[int]]:
 def test_two_gpu_replicas_match_one_engine_and_survive_a_kill(ray_cluster, qwen3_gpu, hf_fp32, monkeypatch,
                                                                caplog):
     monkeypatch.setattr(data_parallel, "REPORT_INTERVAL_S", 0.02)
-    batch = [p[:200 + 37 * i] for i, p in enumerate(prompts() * 4)]
-    params = [SamplingParams(temperature=0, ignore_eos=True, max_tokens=16 + 24 * (i % 5)) for i in range(len(batch))]
+    # enough decode steps (up to 256) that the kill lands while replica 1 still holds requests
+    batch = [p[:100 + 23 * i] for i, p in enumerate(prompts() * 8)]
+    params = [SamplingParams(temperature=0, ignore_eos=True, max_tokens=32 + 56 * (i % 5)) for i in range(len(batch))]
     one = LLM(qwen3_gpu, max_model_len=1024)
     try:
         want = tokens(one.generate(batch, params, use_tqdm=False))
