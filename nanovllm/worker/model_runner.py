@@ -183,9 +183,7 @@ class ModelRunner:
         kernels (layers/skinny_gemm.py) before the CUDA graphs capture the faster."""
         step = StepInput(is_prefill=True, input_ids=[0], positions=[0], slot_mapping=[PAD_SLOT_ID],
                          block_tables=[[0]], cu_seqlens_q=[0, 1], cu_seqlens_k=[0, 1], logits_indices=[0])
-        self.execute_model(step)
-        self.num_prev_logits = 0
-        torch.cuda.synchronize(self.device)
+        self._warmup_step(step)
 
     @torch.inference_mode()
     def _warmup_cascade(self):
@@ -196,6 +194,10 @@ class ModelRunner:
         step = StepInput(is_prefill=False, input_ids=[0, 0], positions=[size, size], slot_mapping=[PAD_SLOT_ID] * 2,
                          block_tables=[[0, 0], [0, 0]], context_lens=[size + 1] * 2, logits_indices=[0, 1],
                          cascade=CascadePlan([CascadeGroup([0, 1], 1)], size))
+        self._warmup_step(step)
+
+    def _warmup_step(self, step: StepInput):
+        """Run `step` for what it leaves behind (compiled kernels, timed linears); no step follows from it."""
         self.execute_model(step)
         self.num_prev_logits = 0
         if self.device.type == "cuda":
