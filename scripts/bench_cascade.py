@@ -57,7 +57,7 @@ def inputs(num_seqs: int, prefix: int, groups: int, block_size: int, g: torch.Ge
     meta = CascadeMetadata(ints(prefix_tables), ints(torch.full((groups,), prefix)), ints(torch.cat(rows)),
                            ints(torch.tensor([0] + [len(r) for r in rows]).cumsum(0)),
                            ints(torch.full((num_seqs,), prefix)), ints(suffix), ints(own), num_groups=groups,
-                           max_group_size=max(len(r) for r in rows), max_prefix_len=prefix)
+                           max_prefix_len=prefix)
     token_bytes = 2 * KV_HEADS * HEAD_DIM * 2  # K and V of one token, bf16
     qo_bytes = 2 * q.numel() * 2
     plain_bytes = int((own + prefix).sum()) * token_bytes + qo_bytes

@@ -1,9 +1,10 @@
-"""Where the GPU's time goes on bench.py's default workload: every kernel (CUDA graphs' included)
-of one timed generate, from the profiler, summed by name, against the run's wall time and the
-GPU's busy time (the union of the kernels' intervals; the rest is the GPU waiting for the host).
-bench.py's options pass through, e.g. the FP8 cache:
+"""Where the GPU's time goes on bench.py's default workload (or a --workload): every kernel (CUDA
+graphs' included) of one timed generate, from the profiler, summed by name, against the run's wall
+time and the GPU's busy time (the union of the kernels' intervals; the rest is the GPU waiting for
+the host). bench.py's options pass through, e.g. the FP8 cache or a shared-prefix workload:
 
     python scripts/profile_kernels.py [--kv-cache-dtype fp8] [--num-seqs 256] [--top 30]
+    python scripts/profile_kernels.py --workload shared-prefix [--cascade]
 
 The profiler slows the host a little, so the wall time here is above bench.py's; the kernel
 times are the GPU's own. CUDA only.
@@ -45,6 +46,9 @@ def main():
     bench_args = bench.parse_args(rest)
     warm_up, variants = bench.workloads(bench_args)
     prompts, params = variants["plain"]
+    if bench_args.workload != "default":
+        prompts, shared = bench.shared_workload(bench_args.workload, bench_args.num_seqs)
+        params = [shared] * len(prompts)
     with tempfile.TemporaryDirectory(prefix="nanovllm-profile-") as folder:
         llm = bench.make_llm(bench_args, folder)
         try:
@@ -65,7 +69,7 @@ def main():
         by_name[e.name][0] += 1
         by_name[e.name][1] += e.time_range.elapsed_us() / 1e6
         intervals.append((e.time_range.start, e.time_range.end))
-    tokens = sum(p.max_tokens for p in params)
+    tokens = sum(p.n * p.max_tokens for p in params)
     busy = busy_seconds(intervals)
     total = sum(s for _, s in by_name.values())
     print(f"{tokens} tokens in {wall:.2f} s ({tokens / wall:.0f} tok/s under the profiler); GPU busy {busy:.2f} s "

@@ -89,7 +89,35 @@ def test_step_cascade_metadata():
     assert c.group_rows.tolist() == [0, 2] and c.cu_group_rows.tolist() == [0, 2]
     assert c.seq_prefix_lens.tolist() == [8, 0, 8] and c.suffix_lens.tolist() == [2, 6, 6]
     assert c.suffix_block_tables.tolist() == [[2, 0], [3, 4], [5, 6]]
-    assert (c.num_groups, c.max_group_size, c.max_prefix_len) == (1, 2, 8)
+    assert (c.num_groups, c.max_prefix_len) == (1, 8)
+
+
+def test_graph_inputs_of_a_cascade_step_attend_as_the_eager_ones():
+    """A cascade step staged for a larger CUDA graph (padded rows, room for more groups, stale entries in the
+    buffer) gives the eager step's attention, through the torch backend."""
+    import numpy as np
+    from nanovllm.attention import LayerKVCache
+    from nanovllm.worker.cuda_graph import GraphInputs
+    tables = [[7, 1, 2], [3, 4], [7, 1, 5, 6], [3, 4, 8], [9], [7, 1, 0]]
+    lens = [10, 6, 14, 9, 3, 12]
+    plan = plan_cascade(tables, lens, 4, ANY)
+    assert len(plan.groups) == 2
+    step = StepInput(is_prefill=False, input_ids=[1] * 6, positions=[n - 1 for n in lens], slot_mapping=[0] * 6,
+                     block_tables=tables, context_lens=lens, logits_indices=list(range(6)), cascade=plan)
+    layout = GraphInputs(max_bs=16, width=5, block_size=4, cascade_min_rows=2)
+    host = np.full(sum(layout.parts32), 9, dtype=np.int32)  # what earlier steps left (the torch backend reads
+    # table entries past a row's length, masked: they must be block ids, as the engine's always are)
+    layout.stage32(step, host, graph_bs=8)
+    graph_meta = layout.cascade_metadata(torch.from_numpy(host), 8)
+    assert graph_meta.cascade.num_groups == 4
+    _, _, eager_meta = eager_inputs(step, torch.device("cpu"))
+    g = torch.Generator().manual_seed(0)
+    cache = LayerKVCache(torch.randn(10, 4, 2, 16, generator=g), torch.randn(10, 4, 2, 16, generator=g))
+    q = torch.randn(8, 4, 16, generator=g)
+    eager = TorchBackend().forward(q[:6], None, None, cache, eager_meta, 0.25)
+    graph = TorchBackend().forward(q, None, None, cache, graph_meta, 0.25)
+    torch.testing.assert_close(graph[:6], eager)
+    assert not graph[6:].any()  # padded rows attend over nothing
 
 
 # ---------------------------------------------------------------- attention against the plain reference
@@ -189,19 +217,26 @@ def test_cpu_engine_n_samples_share_their_prompt(qwen3_tied, cascade_plans):
 @gpu
 @pytest.mark.parametrize("eager", [True, False])
 def test_gpu_engine_same_tokens_with_and_without_cascade(tmp_path, monkeypatch, cascade_plans, eager):
-    """Triton backend, bf16: eager steps, or CUDA graphs with cascade steps (forced by a zero step
-    threshold) run eagerly between graph replays."""
+    """Triton backend, bf16: eager steps, or CUDA graphs with the cascade steps replaying graphs of their own
+    (groups from two rows)."""
     from fixtures.checkpoints import write_tiny_qwen3
     from test_gpu import assert_greedy_close
     path = write_tiny_qwen3(tmp_path, num_hidden_layers=4, hidden_size=512, num_attention_heads=8,
                             num_key_value_heads=4, head_dim=128, intermediate_size=1024, dtype=torch.bfloat16, seed=3)
-    monkeypatch.setattr(cascade_module, "MIN_STEP_SAVED_TOKENS_VS_GRAPH", 0)
     monkeypatch.setattr(cascade_module, "MIN_GROUP_ROWS_CUDA", 2)
+    from nanovllm.worker.cuda_graph import GraphInputs
+    replays, real = [], GraphInputs.stage32
+
+    def staging(layout, step, *args):
+        replays.append(step.cascade is not None)
+        return real(layout, step, *args)
+    monkeypatch.setattr(GraphInputs, "stage32", staging)
     prompts, params = _workload(scale=8)
     options = dict(attention_backend="triton", dtype="bfloat16", enforce_eager=eager, device="cuda",
                    cpu_kvcache_space_gib=1.0, max_model_len=2048)
     on, _ = _generate(path, prompts, params, enable_cascade_attention=True, **options)
     assert any(p is not None for p in cascade_plans)
+    assert eager or any(replays), "no cascade step replayed a graph"
     off, _ = _generate(path, prompts, params, enable_cascade_attention=False, **options)
     from transformers import AutoModelForCausalLM
     hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).cuda().eval()

@@ -17,7 +17,8 @@ class CascadeMetadata:
     """A decode step with shared prefixes (worker/cascade.py): group g's rows all hold the same first
     prefix_lens[g] keys (whole blocks); each row's keys after its group's prefix are its suffix (the whole
     context for a row in no group). Attention = LSE-merge of the prefix pass and the suffix pass.
-    Cascade steps run eagerly: the host ints size the grids."""
+    The host ints bound the groups (they size the grids; a CUDA graph's metadata has room for more groups
+    than a step uses: groups past the last are empty, cu_group_rows repeating its last offset)."""
     prefix_block_tables: torch.Tensor  # [num_groups, max_prefix_blocks] int32, the shared blocks
     prefix_lens: torch.Tensor          # [num_groups] int32 shared keys (a multiple of block_size)
     group_rows: torch.Tensor           # [num_grouped_rows] int32 step rows, group by group
@@ -25,9 +26,8 @@ class CascadeMetadata:
     seq_prefix_lens: torch.Tensor      # [num_seqs] int32 the prefix_len of each row's group; 0: no group
     suffix_block_tables: torch.Tensor  # [num_seqs, max_suffix_blocks] int32 each row's table after the prefix
     suffix_lens: torch.Tensor          # [num_seqs] int32 context_len - seq_prefix_len
-    num_groups: int
-    max_group_size: int                # rows of the largest group
-    max_prefix_len: int
+    num_groups: int                    # groups there is room for
+    max_prefix_len: int                # no group's prefix is longer
 
 
 @dataclass

@@ -63,6 +63,8 @@ def _cascade_decode(q: torch.Tensor, cache: LayerKVCache, c: CascadeMetadata, sc
                            _gather(cache.v, cache.v_scales, slots, torch.float32), scale, keep)
     cu = c.cu_group_rows.tolist()
     for g, prefix_len in enumerate(c.prefix_lens.tolist()):
+        if cu[g] == cu[g + 1]:  # room for a group the step does not use (a CUDA graph's metadata)
+            continue
         rows = c.group_rows[cu[g]:cu[g + 1]].long()
         slots = _cache_slots(c.prefix_block_tables[g], prefix_len, block_size).unsqueeze(0)  # [1, prefix_len]
         keep = torch.ones(1, prefix_len, dtype=torch.bool, device=q.device)

@@ -6,12 +6,15 @@ Inputs are those of `AttentionMetadata.cascade` (CascadeMetadata). Three launche
   tile are (sequence of the group, query head of the kv head) pairs, BLOCK_M of them (so a tl.dot tile of
   SEQS_PER_TILE sequences x GROUP heads), attending the group's prefix keys through its prefix block
   table, flash-attention style (float32 online softmax, base 2). The shared K/V tile is loaded once for
-  all those rows instead of once per sequence. Each group's prefix is cut into the same number of splits;
+  all those rows instead of once per sequence. Each group's prefix is cut into the same number of splits,
+  chosen on the device from the step's tile count;
 - suffix pass: triton_decode's `_decode_kernel` on the suffix block tables and lengths (each row's keys
   after its group's prefix, or all of them for a row in no group), always writing per-split partials;
 - merge, one program per (sequence, query head): the prefix partials (none for a row in no group) and the
   suffix partials, weighted by exp2(lse - max), as triton_decode's split merge.
-Grids follow the groups (host ints of CascadeMetadata): cascade steps run eagerly, never in a CUDA graph.
+Grids depend on the metadata's capacity only (num_groups groups, group_rows' length), never on the groups'
+sizes or prefix lengths, which the programs read on the device: the pass is CUDA-graph capturable, and a graph
+captured for a capacity replays any plan within it (worker/cuda_graph.py).
 FP8 caches are dequantized in registers as in triton_decode.
 """
 import torch
@@ -29,22 +32,47 @@ from nanovllm.attention.triton_decode import (DECODE_CONFIGS, FP8_DECODE_CONFIGS
 # num_stages (scripts/bench_cascade.py times them).
 PREFIX_CONFIGS = {64: (64, 64, 4, 3), 128: (64, 64, 4, 3), 256: (64, 32, 8, 2)}
 FP8_PREFIX_CONFIGS = {64: (64, 32, 4, 3), 128: (64, 32, 4, 3), 256: (64, 32, 8, 2)}
+MAX_PREFIX_SPLITS = 16  # the prefix workspace holds this many splits per (sequence, head) at most
+MIN_GROUPS_PAD = 16  # groups are read as a vector of this many (or the next power of two): one compiled variant
 
 
-@triton.jit(do_not_specialize=["table_stride", "tiles_per_group"])
+@triton.jit
+def prefix_tiles(cu_group_rows_ptr, num_groups, SEQS_PER_TILE: tl.constexpr, GROUPS_PAD: tl.constexpr):
+    """Per group (a [GROUPS_PAD] vector, 0 past num_groups): its first and end offsets in group_rows and its
+    row tiles (SEQS_PER_TILE rows each). A step's tiles are its groups' tiles, group by group."""
+    g = tl.arange(0, GROUPS_PAD)
+    first = tl.load(cu_group_rows_ptr + g, mask=g < num_groups, other=0)
+    end = tl.load(cu_group_rows_ptr + g + 1, mask=g < num_groups, other=0)
+    return first, end, (end - first + SEQS_PER_TILE - 1) // SEQS_PER_TILE
+
+
+@triton.jit
+def prefix_split_count(num_tiles, target_programs, max_splits, KV_HEADS: tl.constexpr):
+    """Splits of every group's prefix: enough programs for target_programs, at most max_splits."""
+    return tl.maximum(tl.minimum(tl.cdiv(target_programs, KV_HEADS * tl.maximum(num_tiles, 1)), max_splits), 1)
+
+
+# Everything that varies with the step is a runtime value (group count, splits, table width), read on the device
+# where it depends on the groups: one compiled variant serves every step, and a CUDA graph replays any plan that
+# fits its capacity (num_groups groups, group_rows' length in rows).
+@triton.jit(do_not_specialize=["table_stride", "num_groups", "target_programs", "max_splits"])
 def _prefix_kernel(q_ptr, q_stride_s, q_stride_h, k_cache_ptr, v_cache_ptr, k_scales_ptr, v_scales_ptr,
-                   prefix_tables_ptr, table_stride, prefix_lens_ptr, group_rows_ptr, cu_group_rows_ptr,
-                   part_out_ptr, part_lse_ptr, qk_scale, tiles_per_group, KV_HEADS: tl.constexpr,
-                   GROUP: tl.constexpr, SEQS_PER_TILE: tl.constexpr, HEAD_DIM: tl.constexpr, PAGE: tl.constexpr,
-                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, FP8: tl.constexpr, FP16_DOT: tl.constexpr,
-                   PRECISION: tl.constexpr):
+                   prefix_tables_ptr, table_stride, prefix_lens_ptr, group_rows_ptr, cu_group_rows_ptr, num_groups,
+                   part_out_ptr, part_lse_ptr, qk_scale, target_programs, max_splits, KV_HEADS: tl.constexpr,
+                   GROUP: tl.constexpr, SEQS_PER_TILE: tl.constexpr, GROUPS_PAD: tl.constexpr,
+                   HEAD_DIM: tl.constexpr, PAGE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                   FP8: tl.constexpr, FP16_DOT: tl.constexpr, PRECISION: tl.constexpr):
     kv_head, tile, split = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    num_splits = tl.num_programs(2)
-    group_id = tile // tiles_per_group
-    first = tl.load(cu_group_rows_ptr + group_id) + (tile % tiles_per_group) * SEQS_PER_TILE
-    group_end = tl.load(cu_group_rows_ptr + group_id + 1)
-    if first >= group_end:  # a smaller group than the largest: nothing in this tile
+    firsts, ends, tiles = prefix_tiles(cu_group_rows_ptr, num_groups, SEQS_PER_TILE, GROUPS_PAD)
+    num_tiles = tl.sum(tiles, axis=0)
+    num_splits = prefix_split_count(num_tiles, target_programs, max_splits, KV_HEADS)
+    if tile >= num_tiles or split >= num_splits:  # the grid is sized for the capacity, not this step
         return
+    tiles_through = tl.cumsum(tiles, axis=0)  # tiles of groups 0..g
+    group_id = tl.sum((tiles_through <= tile).to(tl.int32), axis=0)
+    mine = tl.arange(0, GROUPS_PAD) == group_id
+    first = tl.sum(tl.where(mine, firsts + (tile - tiles_through + tiles) * SEQS_PER_TILE, 0), axis=0)
+    group_end = tl.sum(tl.where(mine, ends, 0), axis=0)
     prefix_len = tl.load(prefix_lens_ptr + group_id)
     split_len = ((prefix_len + BLOCK_N - 1) // BLOCK_N + num_splits - 1) // num_splits * BLOCK_N
     start = split * split_len
@@ -65,20 +93,22 @@ def _prefix_kernel(q_ptr, q_stride_s, q_stride_h, k_cache_ptr, v_cache_ptr, k_sc
                              qk_scale, BLOCK_M, KV_HEADS, HEAD_DIM, PAGE, BLOCK_N, FP8, PRECISION)
 
     out = acc / tl.where(l == 0.0, 1.0, l)[:, None]
-    part = (seqs * (KV_HEADS * GROUP) + heads) * num_splits + split  # workspace [num_seqs, num_heads, splits]
+    part = (seqs * (KV_HEADS * GROUP) + heads) * max_splits + split  # workspace [num_seqs, num_heads, max_splits]
     tl.store(part_out_ptr + part[:, None] * HEAD_DIM + d[None, :], out, mask=row_ok[:, None])
     tl.store(part_lse_ptr + part, m + tl.log2(l), mask=row_ok)  # -inf for an empty split
 
 
-# The split counts vary with the batch: runtime values, so no step compiles a variant.
-@triton.jit(do_not_specialize=["num_prefix_splits", "num_suffix_splits"])
-def _cascade_merge_kernel(prefix_out_ptr, prefix_lse_ptr, num_prefix_splits, suffix_out_ptr, suffix_lse_ptr,
-                          num_suffix_splits, seq_prefix_lens_ptr, out_ptr, NUM_HEADS: tl.constexpr,
-                          CHUNK: tl.constexpr, HEAD_DIM: tl.constexpr):
+@triton.jit(do_not_specialize=["num_groups", "target_programs", "max_splits", "num_suffix_splits"])
+def _cascade_merge_kernel(prefix_out_ptr, prefix_lse_ptr, cu_group_rows_ptr, num_groups, target_programs, max_splits,
+                          suffix_out_ptr, suffix_lse_ptr, num_suffix_splits, seq_prefix_lens_ptr, out_ptr,
+                          NUM_HEADS: tl.constexpr, KV_HEADS: tl.constexpr, SEQS_PER_TILE: tl.constexpr,
+                          GROUPS_PAD: tl.constexpr, CHUNK: tl.constexpr, HEAD_DIM: tl.constexpr):
     row = tl.program_id(0)  # seq * NUM_HEADS + head
     prefix_len = tl.load(seq_prefix_lens_ptr + row // NUM_HEADS)
-    prefix_count = tl.where(prefix_len > 0, num_prefix_splits, 0)  # a row in no group has no prefix partials
-    m, total, acc = merge_splits(prefix_out_ptr, prefix_lse_ptr, row, num_prefix_splits, prefix_count,
+    _, _, tiles = prefix_tiles(cu_group_rows_ptr, num_groups, SEQS_PER_TILE, GROUPS_PAD)
+    num_splits = prefix_split_count(tl.sum(tiles, axis=0), target_programs, max_splits, KV_HEADS)  # the prefix pass's
+    prefix_count = tl.where(prefix_len > 0, num_splits, 0)  # a row in no group has no prefix partials
+    m, total, acc = merge_splits(prefix_out_ptr, prefix_lse_ptr, row, max_splits, prefix_count,
                                  tl.full([], float("-inf"), tl.float32), tl.zeros([], tl.float32),
                                  tl.zeros([HEAD_DIM], tl.float32), CHUNK, HEAD_DIM)
     m, total, acc = merge_splits(suffix_out_ptr, suffix_lse_ptr, row, num_suffix_splits, num_suffix_splits,
@@ -135,27 +165,32 @@ def cascade_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor
         max(MIN_GROUP_ROWS, triton.next_power_of_2(group)), head_dim, block_size, block_n, True, fp8, fp16_dot,
         precision, num_warps=num_warps, num_stages=num_stages)
 
-    # prefix pass: each group's shared keys once per tile of its rows
+    # prefix pass: each group's shared keys once per tile of its rows. The grid covers the metadata's capacity
+    # (num_groups groups over group_rows' rows); the programs read the real groups and split count on the device.
     block_m, block_n, num_warps, num_stages = prefix_config or (FP8_PREFIX_CONFIGS if fp8 else PREFIX_CONFIGS)[
         head_dim]
     block_m = max(block_m, triton.next_power_of_2(group))
     seqs_per_tile = block_m // group
-    tiles_per_group = triton.cdiv(cascade.max_group_size, seqs_per_tile)
-    programs = num_kv_heads * cascade.num_groups * tiles_per_group
+    max_tiles = triton.cdiv(cascade.group_rows.shape[0], seqs_per_tile) + cascade.num_groups - 1
     if prefix_splits is None:
-        prefix_splits = max(1, triton.cdiv(SPLIT_PROGRAMS_PER_SM * num_sms(device), programs))
-    prefix_splits = min(prefix_splits, max(1, triton.cdiv(cascade.max_prefix_len, block_n)))
-    prefix_out = torch.empty(num_seqs, num_heads, prefix_splits, head_dim, dtype=torch.float32, device=device)
-    prefix_lse = torch.empty(num_seqs, num_heads, prefix_splits, dtype=torch.float32, device=device)
+        target_programs = SPLIT_PROGRAMS_PER_SM * num_sms(device)
+        max_splits = min(MAX_PREFIX_SPLITS, triton.cdiv(target_programs, num_kv_heads),
+                         max(1, triton.cdiv(cascade.max_prefix_len, block_n)))
+    else:  # exactly this many
+        target_programs, max_splits = 1 << 30, prefix_splits
+    groups_pad = max(MIN_GROUPS_PAD, triton.next_power_of_2(cascade.num_groups))
+    prefix_out = torch.empty(num_seqs, num_heads, max_splits, head_dim, dtype=torch.float32, device=device)
+    prefix_lse = torch.empty(num_seqs, num_heads, max_splits, dtype=torch.float32, device=device)
     prefix_tables = cascade.prefix_block_tables
     assert prefix_tables.stride(1) == 1 and prefix_tables.shape[0] == cascade.num_groups
-    _prefix_kernel[(num_kv_heads, cascade.num_groups * tiles_per_group, prefix_splits)](
+    _prefix_kernel[(num_kv_heads, max_tiles, max_splits)](
         q, q.stride(0), q.stride(1), k_cache, v_cache, *scales, prefix_tables, prefix_tables.stride(0),
-        cascade.prefix_lens, cascade.group_rows, cascade.cu_group_rows, prefix_out, prefix_lse, scale * LOG2E,
-        tiles_per_group, num_kv_heads, group, seqs_per_tile, head_dim, block_size, block_m, block_n, fp8,
-        fp16_dot, precision, num_warps=num_warps, num_stages=num_stages)
+        cascade.prefix_lens, cascade.group_rows, cascade.cu_group_rows, cascade.num_groups, prefix_out, prefix_lse,
+        scale * LOG2E, target_programs, max_splits, num_kv_heads, group, seqs_per_tile, groups_pad, head_dim,
+        block_size, block_m, block_n, fp8, fp16_dot, precision, num_warps=num_warps, num_stages=num_stages)
 
     _cascade_merge_kernel[(num_seqs * num_heads,)](
-        prefix_out, prefix_lse, prefix_splits, suffix_out, suffix_lse, suffix_splits, cascade.seq_prefix_lens, out,
-        num_heads, MERGE_CHUNK, head_dim)
+        prefix_out, prefix_lse, cascade.cu_group_rows, cascade.num_groups, target_programs, max_splits, suffix_out,
+        suffix_lse, suffix_splits, cascade.seq_prefix_lens, out, num_heads, num_kv_heads, seqs_per_tile, groups_pad,
+        MERGE_CHUNK, head_dim)
     return out

@@ -13,10 +13,11 @@ run ends (a trie over the block tables, built on demand); each node either becom
 run shared by all its rows, or leaves the choice to its children, whichever saves more key reads.
 Saved reads of a group: prefix_len * (group size - 1) keys. The cost rule (`CascadePolicy`): a group
 must save `min_group_saved_tokens` (the extra pass over its prefix and the merge are not free), the
-step `min_step_saved_tokens` (cascade steps run eagerly, so when the plain step would replay a CUDA
-graph the saving must outweigh the launch overhead: see worker/cuda_graph.py), and on CUDA a group
-must have `min_group_rows` rows: the plain kernel runs a small group's rows together, so their shared
-blocks come from L2 after the first read and cascade saves little HBM traffic (docs/CASCADE.md).
+step `min_step_saved_tokens` (0 in the engine: cascade steps replay CUDA graphs of their own, see
+worker/cuda_graph.py), and on CUDA a group must have `min_group_rows` rows: the plain kernel runs a
+small group's rows together, so their shared blocks come from L2 after the first read and cascade
+saves little HBM traffic (docs/CASCADE.md). The CUDA graphs hold size // min_group_rows groups, so
+every plan of a step fits its graph.
 Cost: O(rows) dict operations per trie level plus binary searches of list-slice comparisons; a batch
 with no two rows on the same first block returns after one pass.
 """
@@ -27,13 +28,8 @@ from nanovllm.attention import backend_class
 from nanovllm.config import Config
 
 MIN_GROUP_SAVED_BLOCKS = 4  # a group must save at least this many blocks' worth of key reads
-# A step that would otherwise replay a CUDA graph runs eagerly for cascade: it must save at least this
-# many tokens of K/V reads (Qwen3-0.6B: 112 KiB per token over its layers, ~15 GB: ~3.5 ms at H200
-# bandwidth) to be worth the eager launches (a few ms per step for a 28-layer model).
-MIN_STEP_SAVED_TOKENS_VS_GRAPH = 131072
-# On an H200 (bench.py --workload): groups of 16 rows (n-samples) ran 0.62x the plain step's speed with
-# cascade, one group of 512 rows (shared-prefix) 1.27x. Groups smaller than this stay on the plain path.
-MIN_GROUP_ROWS_CUDA = 64
+# Groups smaller than this stay on the plain path on CUDA (docs/CASCADE.md has the measurements).
+MIN_GROUP_ROWS_CUDA = 16
 MAX_TRIE_DEPTH = 64  # branch points followed below a first block (bounds the recursion on odd batches)
 
 
@@ -66,9 +62,7 @@ def cascade_policy(config: Config) -> CascadePolicy | None:
     """The engine's rule; None when `enable_cascade_attention` is off or the backend has no cascade path."""
     if not config.enable_cascade_attention or not backend_class(config.attention_backend).supports_cascade:
         return None
-    graphs = config.device_type == "cuda" and not config.enforce_eager
-    return CascadePolicy(MIN_GROUP_SAVED_BLOCKS * config.block_size,
-                         MIN_STEP_SAVED_TOKENS_VS_GRAPH if graphs else 0,
+    return CascadePolicy(MIN_GROUP_SAVED_BLOCKS * config.block_size, 0,
                          MIN_GROUP_ROWS_CUDA if config.device_type == "cuda" else 2)
 
 

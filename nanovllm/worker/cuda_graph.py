@@ -9,64 +9,146 @@ of staging buffers, used in turn (async scheduling: the host fills step N+1's wh
 copy may still wait in the stream); an event per set says when its last copy has run.
 Placeholder input ids (async scheduling) are scattered in from the previous step's samples on
 the device, after the copy and before the replay. All graphs share one memory pool and one
-output buffer. Cascade (shared-prefix) steps are not captured: their grids follow the step's groups,
-so they run eagerly (worker/cascade.py's cost rule picks them only when the saving outweighs that).
+output buffer.
+
+Cascade (shared-prefix) steps have graphs of their own, when the engine's cascade rule is on: for each
+size of at least `cascade_min_rows` rows, with room for size // cascade_min_rows groups (the rule's
+groups have at least that many rows). The step's suffix tables and lengths take the plain tables' and
+context lengths' places; the groups (their prefix tables and lengths, rows, offsets, and each row's
+prefix length) follow in the int32 buffer. Groups past the step's last are empty.
 """
 import logging
 
 import torch
 from torch import nn
 
-from nanovllm.attention import PAD_SLOT_ID, AttentionMetadata, forward_context
+from nanovllm.attention import PAD_SLOT_ID, AttentionMetadata, CascadeMetadata, forward_context
 from nanovllm.sample.metadata import scatter_prev_sampled
-from nanovllm.worker.inputs import StepInput
+from nanovllm.worker.inputs import StepInput, cascade_prefix_blocks
 
 logger = logging.getLogger(__name__)
+
+
+class GraphInputs:
+    """Where a decode graph reads its int32 inputs: one buffer, in parts (host staging and device copy alike)."""
+
+    def __init__(self, max_bs: int, width: int, block_size: int, cascade_min_rows: int | None):
+        """The int32 buffer's parts: slot mapping, context lengths, block tables; with cascade graphs then
+        each row's prefix length, the grouped rows, the groups' prefix lengths, row offsets and prefix tables."""
+        self.max_bs, self.width, self.block_size, self.cascade_min_rows = max_bs, width, block_size, cascade_min_rows
+        self.max_groups = max_bs // cascade_min_rows if cascade_min_rows else 0
+        groups = self.max_groups
+        self.parts32 = [max_bs, max_bs, width * max_bs] + (
+            [max_bs, max_bs, groups, groups + 1, groups * width] if groups else [])
+
+    def plain_metadata(self, buffer32: torch.Tensor, bs: int) -> AttentionMetadata:
+        """The attention metadata of a `bs`-row decode graph, as views of an int32 buffer of the layout."""
+        slot_mapping, context_lens, tables = buffer32.split(self.parts32)[:3]
+        return AttentionMetadata(is_prefill=False, slot_mapping=slot_mapping[:bs], context_lens=context_lens[:bs],
+                                 block_tables=tables.view(self.max_bs, self.width)[:bs])
+
+    def cascade_metadata(self, buffer32: torch.Tensor, bs: int) -> AttentionMetadata:
+        """The same for a `bs`-row cascade graph: room for bs // cascade_min_rows groups; the suffix tables and
+        lengths are the plain step's tables and context lengths."""
+        slot_mapping, suffix_lens, tables, seq_prefix_lens, group_rows, prefix_lens, cu_group_rows, prefix_tables = \
+            buffer32.split(self.parts32)
+        groups, width = bs // self.cascade_min_rows, self.width
+        return AttentionMetadata(is_prefill=False, slot_mapping=slot_mapping[:bs], cascade=CascadeMetadata(
+            prefix_tables[:groups * width].view(groups, width), prefix_lens[:groups], group_rows[:bs],
+            cu_group_rows[:groups + 1], seq_prefix_lens[:bs], tables.view(self.max_bs, width)[:bs],
+            suffix_lens[:bs], num_groups=groups, max_prefix_len=width * self.block_size))
+
+    def stage32(self, step: StepInput, host32, graph_bs: int):
+        """Fill the int32 buffer (a host array of the layout) with `step`'s inputs for the `graph_bs` graph."""
+        bs, max_bs, width = step.num_tokens, self.max_bs, self.width
+        host32[:graph_bs] = PAD_SLOT_ID  # padded rows store nothing ...
+        host32[:bs] = step.slot_mapping
+        host32[max_bs:max_bs + graph_bs] = 0  # ... and attend over nothing
+        host32[max_bs:max_bs + bs] = step.context_lens
+        tables = host32[2 * max_bs:2 * max_bs + max_bs * width].reshape(max_bs, width)
+        if step.cascade is None:
+            for row, table in enumerate(step.block_tables):
+                tables[row, :len(table)] = table
+            return
+        # suffix tables and lengths in the plain ones' places, then the groups; groups past the last are empty
+        plan = step.cascade
+        seq_prefix_lens, group_rows, prefix_lens, cu_group_rows, prefix_tables = (
+            host32[sum(self.parts32[:i]):] for i in range(3, 8))
+        prefix_blocks = cascade_prefix_blocks(plan, bs)
+        for row, (table, k) in enumerate(zip(step.block_tables, prefix_blocks)):
+            tables[row, :len(table) - k] = table[k:]
+        seq_prefix_lens[:graph_bs] = 0
+        seq_prefix_lens[:bs] = prefix_blocks
+        seq_prefix_lens[:bs] *= plan.block_size
+        host32[max_bs:max_bs + bs] -= seq_prefix_lens[:bs]  # suffix lengths
+        offset = 0
+        for g, group in enumerate(plan.groups):
+            group_rows[offset:offset + len(group.rows)] = group.rows
+            cu_group_rows[g] = offset
+            offset += len(group.rows)
+            prefix_lens[g] = group.num_prefix_blocks * plan.block_size
+            prefix_tables[g * width:g * width + group.num_prefix_blocks] = \
+                step.block_tables[group.rows[0]][:group.num_prefix_blocks]
+        cu_group_rows[len(plan.groups):graph_bs // self.cascade_min_rows + 1] = offset
 
 
 class CUDAGraphRunner:
 
     @torch.inference_mode()
     def __init__(self, model: nn.Module, sizes: list[int], max_blocks_per_seq: int, hidden_size: int,
-                 dtype: torch.dtype, device: torch.device):
-        """Capture `model`'s decode forward for each batch size of `sizes`."""
-        max_bs, width = max(sizes), max_blocks_per_seq
-        self.max_bs, self.width = max_bs, width
+                 dtype: torch.dtype, device: torch.device, block_size: int, cascade_min_rows: int | None = None):
+        """Capture `model`'s decode forward for each batch size of `sizes`, and with `cascade_min_rows` its
+        cascade forward for each of them with at least that many rows."""
+        max_bs = max(sizes)
+        self.max_bs = max_bs
+        self.layout = layout = GraphInputs(max_bs, max_blocks_per_seq, block_size, cascade_min_rows)
         self.staging = [(torch.zeros(4 * max_bs, dtype=torch.int64).pin_memory(),
-                         torch.zeros((2 + width) * max_bs, dtype=torch.int32).pin_memory()) for _ in range(2)]
+                         torch.zeros(sum(layout.parts32), dtype=torch.int32).pin_memory()) for _ in range(2)]
         self.copied = [torch.cuda.Event() for _ in self.staging]  # each set's last copy has run
         self.turn = 0
         self.dev64, self.dev32 = (host.to(device) for host in self.staging[0])
-        self.input_ids, positions, self.prev_rows, self.prev_indices = self.dev64.split(max_bs)
-        input_ids = self.input_ids
-        slot_mapping, context_lens, tables = self.dev32.split([max_bs, max_bs, width * max_bs])
-        block_tables = tables.view(max_bs, width)
+        self.input_ids, self.positions, self.prev_rows, self.prev_indices = self.dev64.split(max_bs)
         self.outputs = torch.zeros(max_bs, hidden_size, dtype=dtype, device=device)
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        self.cascade_graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.pool = None
         for bs in sorted(sizes, reverse=True):  # the largest first: the others fit in its pool
-            graph = torch.cuda.CUDAGraph()
-            meta = AttentionMetadata(is_prefill=False, slot_mapping=slot_mapping[:bs],
-                                     context_lens=context_lens[:bs], block_tables=block_tables[:bs])
-            with forward_context(meta):
-                self.outputs[:bs] = model(input_ids[:bs], positions[:bs])  # warm-up
-                with torch.cuda.graph(graph, self.pool):
-                    self.outputs[:bs] = model(input_ids[:bs], positions[:bs])
-            if self.pool is None:
-                self.pool = graph.pool()
-            self.graphs[bs] = graph
-            torch.cuda.synchronize(device)
+            self.graphs[bs] = self._capture(model, layout.plain_metadata(self.dev32, bs), bs)
+            if layout.max_groups and bs >= cascade_min_rows:
+                self.cascade_graphs[bs] = self._capture(model, layout.cascade_metadata(self.dev32, bs), bs)
         self.sizes = sorted(self.graphs)
-        logger.info("captured CUDA graphs for decode batch sizes %s", self.sizes)
+        logger.info("captured CUDA graphs for decode batch sizes %s%s", self.sizes,
+                    f" (and cascade steps from {cascade_min_rows} rows)" if layout.max_groups else "")
+
+    def _capture(self, model: nn.Module, meta: AttentionMetadata, bs: int) -> torch.cuda.CUDAGraph:
+        graph = torch.cuda.CUDAGraph()
+        with forward_context(meta):
+            self.outputs[:bs] = model(self.input_ids[:bs], self.positions[:bs])  # warm-up
+            with torch.cuda.graph(graph, self.pool):
+                self.outputs[:bs] = model(self.input_ids[:bs], self.positions[:bs])
+        if self.pool is None:
+            self.pool = graph.pool()
+        torch.cuda.synchronize(self.outputs.device)
+        return graph
+
+    def _graph_size(self, bs: int) -> int:
+        return next(size for size in self.sizes if size >= bs)
 
     def can_run(self, step: StepInput) -> bool:
-        return not step.is_prefill and step.cascade is None and step.num_tokens <= self.max_bs
+        """Whether a captured graph replays `step` (a decode step of at most max_bs rows whose cascade plan,
+        if any, fits a cascade graph)."""
+        if step.is_prefill or step.num_tokens > self.max_bs:
+            return False
+        if step.cascade is None:
+            return True
+        graph_bs = self._graph_size(step.num_tokens)
+        return graph_bs in self.cascade_graphs and len(step.cascade.groups) <= graph_bs // self.layout.cascade_min_rows
 
     def replay(self, step: StepInput, prev_sampled: torch.Tensor | None = None) -> torch.Tensor:
         """[num_seqs, hidden_size]: the decode forward of `step`. `prev_sampled`: the previous
         step's sampled token ids when `step` has placeholders."""
         bs, max_bs = step.num_tokens, self.max_bs
-        graph_bs = next(size for size in self.sizes if size >= bs)
+        graph_bs = self._graph_size(bs)
         pinned64, pinned32 = self.staging[self.turn]
         self.copied[self.turn].synchronize()  # the copy that last read this set has run
         host64, host32 = pinned64.numpy(), pinned32.numpy()
@@ -75,20 +157,15 @@ class CUDAGraphRunner:
         num_prev = len(step.prev_sampled_rows)
         host64[2 * max_bs:2 * max_bs + num_prev] = step.prev_sampled_rows
         host64[3 * max_bs:3 * max_bs + num_prev] = step.prev_sampled_indices
-        host32[:graph_bs] = PAD_SLOT_ID  # padded rows store nothing ...
-        host32[:bs] = step.slot_mapping
-        host32[max_bs:max_bs + graph_bs] = 0  # ... and attend over nothing
-        host32[max_bs:max_bs + bs] = step.context_lens
-        tables = host32[2 * max_bs:].reshape(max_bs, self.width)
-        for row, table in enumerate(step.block_tables):
-            tables[row, :len(table)] = table
+        self.layout.stage32(step, host32, graph_bs)
+        graph = self.graphs[graph_bs] if step.cascade is None else self.cascade_graphs[graph_bs]
         self.dev64.copy_(pinned64, non_blocking=True)
         self.dev32.copy_(pinned32, non_blocking=True)
         self.copied[self.turn].record()
         self.turn = 1 - self.turn
         if num_prev:
             scatter_prev_sampled(self.input_ids, self.prev_rows[:num_prev], self.prev_indices[:num_prev], prev_sampled)
-        self.graphs[graph_bs].replay()
+        graph.replay()
         return self.outputs[:bs]
 
     def release(self):

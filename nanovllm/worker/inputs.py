@@ -169,13 +169,19 @@ def padded_tables(tables: list[list[int]]) -> list[int]:
     return [b for t in tables for b in (t + [0] * (width - len(t)))]
 
 
+def cascade_prefix_blocks(plan: CascadePlan, num_rows: int) -> list[int]:
+    """Per row of the step: the blocks its group shares (0 for a row in no group)."""
+    blocks = [0] * num_rows
+    for group in plan.groups:
+        for row in group.rows:
+            blocks[row] = group.num_prefix_blocks
+    return blocks
+
+
 def _cascade_lists(step: StepInput) -> list[list[int]]:
     """`step.cascade` as the host lists of CascadeMetadata's tensors, in its field order (tables flat)."""
     plan, tables = step.cascade, step.block_tables
-    seq_prefix_blocks = [0] * len(tables)
-    for group in plan.groups:
-        for row in group.rows:
-            seq_prefix_blocks[row] = group.num_prefix_blocks
+    seq_prefix_blocks = cascade_prefix_blocks(plan, len(tables))
     cu_group_rows = [0]
     for group in plan.groups:
         cu_group_rows.append(cu_group_rows[-1] + len(group.rows))
@@ -203,8 +209,7 @@ def eager_inputs(step: StepInput, device: torch.device, prev_sampled: torch.Tens
         cascade = [t.int() for t in cascade]
         cascade[0], cascade[5] = cascade[0].view(len(groups), -1), cascade[5].view(step.num_tokens, -1)
         meta = AttentionMetadata(is_prefill=False, slot_mapping=slot_mapping.int(), cascade=CascadeMetadata(
-            *cascade, num_groups=len(groups), max_group_size=max(len(g.rows) for g in groups),
-            max_prefix_len=max(g.num_prefix_blocks for g in groups) * step.cascade.block_size))
+            *cascade, num_groups=len(groups), max_prefix_len=max(g.num_prefix_blocks for g in groups) * step.cascade.block_size))
         return input_ids, positions, meta
     lengths = (step.cu_seqlens_q, step.cu_seqlens_k) if step.is_prefill else (step.context_lens,)
     tables = padded_tables(step.block_tables) if step.block_tables else []

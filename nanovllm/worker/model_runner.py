@@ -96,9 +96,11 @@ class ModelRunner:
             if cascade_policy(config) is not None:
                 self._warmup_cascade()
         if self.device.type == "cuda" and not config.enforce_eager:
+            policy = cascade_policy(config)
             self.graph_runner = CUDAGraphRunner(self.model, config.graph_batch_sizes,
                                                 -(-config.max_model_len // self.block_size), hf_config.hidden_size,
-                                                config.torch_dtype, self.device)
+                                                config.torch_dtype, self.device, self.block_size,
+                                                policy.min_group_rows if policy else None)
 
     def exit(self):
         """Release the graphs, the cache and the model."""
@@ -189,7 +191,7 @@ class ModelRunner:
     def _warmup_cascade(self):
         """A two-row decode step whose rows share one block (block 0 as prefix and suffix, nothing
         written), run through the cascade path, so that its kernels compile now rather than in the
-        first step that shares a prefix: cascade steps run eagerly, outside the CUDA graphs."""
+        first step that shares a prefix when steps run eagerly (the CUDA graphs' capture compiles them too)."""
         size = self.block_size
         step = StepInput(is_prefill=False, input_ids=[0, 0], positions=[size, size], slot_mapping=[PAD_SLOT_ID] * 2,
                          block_tables=[[0, 0], [0, 0]], context_lens=[size + 1] * 2, logits_indices=[0, 1],
