@@ -17,7 +17,8 @@ import torch
 import triton
 
 from nanovllm.attention.kv_store import quantize_fp8
-from nanovllm.attention.triton_decode import DECODE_CONFIGS, FP8_DECODE_CONFIGS, decode_splits, paged_decode
+from nanovllm.attention.triton_decode import (CUDA_CORE_CONFIG, CUDA_CORE_MAX_GROUP, DECODE_CONFIGS, decode_splits,
+                                              paged_decode)
 from nanovllm.attention.triton_prefill import PREFILL_CONFIGS, paged_prefill
 
 try:
@@ -99,7 +100,8 @@ def bench_decode(sweep: str) -> list[tuple]:
 
         def run(**tunables):
             return lambda: paged_decode(q, k_cache, v_cache, tables, lens, scale, k_scales, v_scales, **tunables)
-        block_n, num_warps, num_stages = (FP8_DECODE_CONFIGS if fp8 else DECODE_CONFIGS)[HEAD_DIM]
+        block_n, num_warps, num_stages = (CUDA_CORE_CONFIG[:2] + (1,) if fp8 and NUM_HEADS // KV_HEADS
+                                          <= CUDA_CORE_MAX_GROUP else DECODE_CONFIGS[HEAD_DIM])
         splits, _ = decode_splits(NUM_SEQS, KV_HEADS, tables.shape[1] * block_size, DEVICE, block_n)
         default_config = (block_n, num_warps, num_stages, splits)
         default_us, ref = graph_us(run())
