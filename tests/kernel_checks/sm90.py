@@ -22,8 +22,8 @@ LAUNCH_OPTIONS = ("num_warps", "num_stages", "maxnreg")
 
 
 def _describe(value) -> dict:
-    if isinstance(value, torch.Tensor):
-        return {"ptr": TRITON_TYPES[value.dtype]}
+    if isinstance(value, torch.Tensor):  # a launch specializes on 16-byte aligned pointers: so does the compile
+        return {"ptr": TRITON_TYPES[value.dtype], "aligned": value.data_ptr() % 16 == 0}
     if isinstance(value, bool) or value is None or isinstance(value, str):
         return {"value": value}
     if isinstance(value, int):
@@ -52,9 +52,11 @@ def record_launches(path: str):
     InterpretedFunction.run = run
 
 
-def _signature(fn, args: dict) -> tuple[dict, dict]:
-    """(signature, constexprs) of a JITFunction for the recorded arguments."""
-    signature, constexprs = {}, {}
+def _signature(fn, args: dict) -> tuple[dict, dict, dict]:
+    """(signature, constexprs, attrs) of a JITFunction for the recorded arguments; attrs: the divisibility by
+    16 that a launch would specialize on (aligned pointers, and ints that are multiples of 16 unless the
+    kernel says do_not_specialize)."""
+    signature, constexprs, attrs = {}, {}, {}
     for i, param in enumerate(fn.params):
         name, spec = param.name, args.get(param.name)
         if param.is_constexpr:
@@ -65,13 +67,17 @@ def _signature(fn, args: dict) -> tuple[dict, dict]:
             constexprs[(i,)] = None
         elif "ptr" in spec:
             signature[name] = "*" + spec["ptr"]
+            if spec.get("aligned"):
+                attrs[(i,)] = [["tt.divisibility", 16]]
         elif "int" in spec:
             signature[name] = "i32" if -2 ** 31 <= spec["int"] < 2 ** 31 else "i64"
+            if spec["int"] % 16 == 0 and not param.do_not_specialize:
+                attrs[(i,)] = [["tt.divisibility", 16]]
         elif "float" in spec:
             signature[name] = "fp32"
         else:  # a bool or str passed to a non-constexpr parameter
             signature[name] = "i1"
-    return signature, constexprs
+    return signature, constexprs, attrs
 
 
 def compile_recorded(path: str, arch: int = 90) -> tuple[int, list[str]]:
@@ -84,9 +90,9 @@ def compile_recorded(path: str, arch: int = 90) -> tuple[int, list[str]]:
     failures = []
     for launch in launches:
         fn = getattr(importlib.import_module(launch["module"]), launch["name"])
-        signature, constexprs = _signature(fn, launch["args"])
+        signature, constexprs, attrs = _signature(fn, launch["args"])
         try:
-            triton.compile(ASTSource(fn=fn, signature=signature, constexprs=constexprs),
+            triton.compile(ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs),
                            target=GPUTarget("cuda", arch, 32), options=launch["options"])
         except Exception as e:  # noqa: BLE001 - reported with the launch that failed
             failures.append(f"{launch['module']}.{launch['name']} {launch['options']} "
