@@ -8,8 +8,8 @@
     python bench.py --quantization fp8           # FP8 weights (random weights: quantized at load time)
     python bench.py --attention-backend triton --kv-cache-dtype fp8 --block-size 16   # the KV path
     python bench.py --data-parallel-size 2       # two replicas on Ray (the `ray` extra)
-    python bench.py --workload shared-prefix [--cascade]   # shared prefixes, [with cascade attention]
-    python bench.py --workload n-samples [--cascade]
+    python bench.py --workload shared-prefix [--no-cascade]   # shared prefixes [without cascade attention]
+    python bench.py --workload n-samples [--no-cascade]
     python bench.py --no-async-scheduling        # the synchronous loop (host work not overlapped)
 
 Default workload: random.seed(0); 256 sequences; prompt i is randint(100, 1024) random token ids
@@ -36,6 +36,7 @@ import torch
 from tqdm import tqdm
 
 from nanovllm import LLM, SamplingParams
+from nanovllm.worker.cascade import cascade_policy
 
 # Published configurations (config.json of the Hugging Face repositories), for random-weight runs.
 _QWEN3_COMMON = dict(architectures=["Qwen3ForCausalLM"], model_type="qwen3", attention_bias=False,
@@ -116,7 +117,8 @@ def parse_args(argv: list[str] | None = None):
                         help="also run the workload with a mix of greedy, top-k/top-p and penalised requests")
     parser.add_argument("--workload", default="default", choices=["default", *SHARED_WORKLOADS],
                         help="a shared-prefix workload: decode tok/s and its floor (see above)")
-    parser.add_argument("--cascade", action="store_true", help="enable_cascade_attention=True")
+    parser.add_argument("--cascade", action=argparse.BooleanOptionalAction, default=None,
+                        help="enable_cascade_attention (default: the engine's, on with CUDA)")
     parser.add_argument("--bandwidth-tbs", type=float, default=4.25,
                         help="HBM bandwidth for the floor of --workload (H200, docs/PERF.md's copy ceiling)")
     args = parser.parse_args(argv)
@@ -243,7 +245,7 @@ def shared_throughput(llm: LLM, args):
     finally:
         scheduler.schedule = schedule
     num_decode = sum(1 for s in steps if not s[0])
-    cascade = "on" if args.cascade else "off"
+    cascade = "on" if cascade_policy(engine.config) is not None else "off"  # the flag, where the backend has it
     print(f"[{args.workload}, cascade {cascade}] decode: {decode_tokens}tok in {num_decode} steps, {decode_s:.2f}s, "
           f"{decode_tokens / decode_s:.0f}tok/s, {1000 * decode_s / num_decode:.2f}ms/step; floor {floor_s:.2f}s "
           f"({100 * floor_s / decode_s:.0f}% of it); prefill {prefill_s:.2f}s")

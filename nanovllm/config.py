@@ -38,10 +38,9 @@ class Config:
     kv_cache_dtype: str = "auto"
     enable_prefix_caching: bool = True
     # decode reads KV blocks shared by several sequences once per group (worker/cascade.py), where the
-    # attention backend can (Triton, torch); the flash-attn backend keeps the plain path. Off by default:
-    # cascade steps run eagerly, and with async scheduling they measured slower than the plain path
-    # (docs/CASCADE.md)
-    enable_cascade_attention: bool = False
+    # attention backend can (Triton, torch); the flash-attn backend keeps the plain path. None: on with
+    # CUDA (a cost rule picks the steps; docs/CASCADE.md), off on the CPU
+    enable_cascade_attention: bool | None = None
     num_gpu_blocks_override: int | None = None
     cpu_kvcache_space_gib: float = 1.0  # KV cache budget when running on the CPU
     dtype: str | torch.dtype = "auto"
@@ -68,8 +67,6 @@ class Config:
         _check_int("tensor_parallel_size", self.tensor_parallel_size, 1)
         _check_int("max_num_seqs", self.max_num_seqs, 1)
         _check_int("max_num_batched_tokens", self.max_num_batched_tokens, 1)
-        if not isinstance(self.enable_cascade_attention, bool):
-            raise ValueError(f"enable_cascade_attention must be a bool, got {self.enable_cascade_attention!r}.")
         if self.num_gpu_blocks_override is not None:
             _check_int("num_gpu_blocks_override", self.num_gpu_blocks_override, 1)
         if not 0 < self.gpu_memory_utilization <= 1:
@@ -84,6 +81,11 @@ class Config:
             raise ValueError("device='cuda' was asked for, but no CUDA GPU is visible.")
         if self.distributed_port is not None and not 0 < self.distributed_port < 65536:
             raise ValueError(f"distributed_port must be in (0, 65536), got {self.distributed_port!r}.")
+        if self.enable_cascade_attention is None:
+            object.__setattr__(self, "enable_cascade_attention", self.device_type == "cuda")
+        elif not isinstance(self.enable_cascade_attention, bool):
+            raise ValueError(f"enable_cascade_attention must be True, False or None, got "
+                             f"{self.enable_cascade_attention!r}.")
         if self.async_scheduling is None:
             object.__setattr__(self, "async_scheduling", self.device_type == "cuda")
         elif not isinstance(self.async_scheduling, bool):

@@ -42,7 +42,7 @@ for what in "${@:-all}"; do
     async) for flag in "" --no-async-scheduling; do python3 bench.py --latency $flag 2>&1 | tee -a "$OUT/async.log"; done
                summary+=("latency async on, then off: $(grep Decode "$OUT/async.log" | tr '\n' ' ')") ;;
     cascade) python3 scripts/bench_cascade.py 2>&1 | tee -a "$OUT/cascade.log"
-             for w in shared-prefix n-samples; do for flag in "" --cascade; do
+             for w in shared-prefix n-samples; do for flag in --no-cascade --cascade; do
                python3 bench.py --workload $w $flag 2>&1 | tee -a "$OUT/cascade.log"; done; done
              summary+=("cascade: $(grep -E 'speedup|decode:' "$OUT/cascade.log" | tr '\n' ' ')") ;;
     fp8kv) for i in 1 2; do python3 bench.py --kv-cache-dtype fp8 2>&1 | tee -a "$OUT/fp8kv.log"; done

@@ -73,7 +73,8 @@ def test_policy_follows_config_and_backend(qwen3_tied):
     policy = cascade_policy(Config(qwen3_tied, enable_cascade_attention=True, **ENGINE_ARGS))
     assert policy == CascadePolicy(cascade_module.MIN_GROUP_SAVED_BLOCKS * 16, 0)  # CPU: no graphs to lose
     assert cascade_policy(Config(qwen3_tied, enable_cascade_attention=False, **ENGINE_ARGS)) is None
-    with pytest.raises(ValueError, match="enable_cascade_attention must be a bool, got 'yes'"):
+    assert Config(qwen3_tied, **ENGINE_ARGS).enable_cascade_attention is False  # None: off on the CPU
+    with pytest.raises(ValueError, match="enable_cascade_attention must be True, False or None, got 'yes'"):
         Config(qwen3_tied, enable_cascade_attention="yes", **ENGINE_ARGS)
 
 
@@ -200,6 +201,15 @@ def test_cpu_engine_same_tokens_with_and_without_cascade(qwen3_tied, cascade_pla
     cascade_plans.clear()
     off, _ = _generate(qwen3_tied, prompts, params, enable_cascade_attention=False, **options)
     assert not cascade_plans
+    assert on == off
+
+
+def test_cpu_engine_tensor_parallel_cascade(qwen3_tied, cascade_plans):
+    """tp=2: the plan travels with the step; every rank attends through it, and the tokens are the plain path's."""
+    prompts, params = _workload()
+    on, _ = _generate(qwen3_tied, prompts, params, enable_cascade_attention=True, tensor_parallel_size=2)
+    assert any(p is not None for p in cascade_plans)
+    off, _ = _generate(qwen3_tied, prompts, params, enable_cascade_attention=False, tensor_parallel_size=2)
     assert on == off
 
 
