@@ -198,18 +198,6 @@ def cuda_core_lanes(head_dim: int, num_warps: int) -> int:
     return 32 // (head_dim // VECTOR_BYTES) * num_warps
 
 
-@triton.jit
-def _tile_rows(table_row_ptr, start, length, PAGE: tl.constexpr, BLOCK_N: tl.constexpr):
-    """(flat cache rows int64, valid) [BLOCK_N] of keys start + 0..BLOCK_N-1 (start a multiple of BLOCK_N)."""
-    pos = start + tl.arange(0, BLOCK_N)
-    valid = pos < length
-    if PAGE >= BLOCK_N:  # the tile lies within one page: one table entry
-        block = tl.load(table_row_ptr + start // PAGE).to(tl.int64)
-    else:
-        block = tl.load(table_row_ptr + pos // PAGE, mask=valid, other=0).to(tl.int64)
-    return block * PAGE + pos % PAGE, valid
-
-
 @triton.jit(do_not_specialize=["table_stride", "split_len"])
 def _fp8_cuda_core_kernel(q_ptr, q_stride_s, q_stride_h, k_cache_ptr, v_cache_ptr, k_scales_ptr, v_scales_ptr,
                           block_tables_ptr, table_stride, context_lens_ptr, out_ptr, part_out_ptr, part_lse_ptr,
@@ -234,7 +222,8 @@ def _fp8_cuda_core_kernel(q_ptr, q_stride_s, q_stride_h, k_cache_ptr, v_cache_pt
     l = tl.zeros([GROUP_PAD, 1, T], tl.float32)
     acc = tl.zeros([GROUP_PAD, 1, T, HEAD_DIM], tl.float32)
     for tile in range(start, end, BLOCK_N):
-        rows, ok = _tile_rows(table_row, tile, end, PAGE, BLOCK_N)
+        rows = cache_rows(table_row, tile, end, PAGE, BLOCK_N)
+        ok = tile + tl.arange(0, BLOCK_N) < end
         row_head = rows * KV_HEADS + kv_head  # [BLOCK_N]: the scales' index, the cache row
         offsets = row_head[None, :, None] * HEAD_DIM + d[None, None, :]  # [1, BLOCK_N, HEAD_DIM]
         # loaded as [1, BLOCK_N, HEAD_DIM] and reshaped: Triton lays a 4-d load out differently across versions
