@@ -189,7 +189,7 @@ def cascade_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor
         scale * LOG2E, target_programs, max_splits, num_kv_heads, group, seqs_per_tile, groups_pad, head_dim,
         block_size, block_m, block_n, fp8, fp16_dot, precision, num_warps=num_warps, num_stages=num_stages)
 
-    # splits merged per loop step: no more than there are (a wider chunk computes on masked-off partials)
+    # splits merged per loop step: no more than there can be (a wider chunk computes on masked-off partials)
     chunk = min(MERGE_CHUNK, triton.next_power_of_2(max(2, max_splits, suffix_splits)))
     _cascade_merge_kernel[(num_seqs * num_heads,)](
         prefix_out, prefix_lse, cascade.cu_group_rows, cascade.num_groups, target_programs, max_splits, suffix_out,
