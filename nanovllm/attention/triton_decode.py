@@ -305,7 +305,7 @@ def paged_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, 
         defaults = (FP8_DECODE_CONFIGS if fp8 else DECODE_CONFIGS)[head_dim]
     block_n, num_warps, num_stages = (given if given is not None else default for given, default in
                                       zip((block_n, num_warps, num_stages), defaults))
-    lanes = cuda_core_lanes(head_dim, num_warps)
+    lanes = cuda_core_lanes(head_dim, num_warps) if cuda_core else 0
     if cuda_core and block_n % lanes:
         raise ValueError(f"block_n must be a multiple of {lanes} for an FP8 cache at head_dim {head_dim} and "
                          f"{num_warps} warps, got {block_n}")

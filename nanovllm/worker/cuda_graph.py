@@ -40,6 +40,7 @@ class GraphInputs:
         groups = self.max_groups
         self.parts32 = [max_bs, max_bs, width * max_bs] + (
             [max_bs, max_bs, groups, groups + 1, groups * width] if groups else [])
+        self.starts32 = [sum(self.parts32[:i]) for i in range(len(self.parts32))]
 
     def plain_metadata(self, buffer32: torch.Tensor, bs: int) -> AttentionMetadata:
         """The attention metadata of a `bs`-row decode graph, as views of an int32 buffer of the layout."""
@@ -73,7 +74,7 @@ class GraphInputs:
         # suffix tables and lengths in the plain ones' places, then the groups; groups past the last are empty
         plan = step.cascade
         seq_prefix_lens, group_rows, prefix_lens, cu_group_rows, prefix_tables = (
-            host32[sum(self.parts32[:i]):] for i in range(3, 8))
+            host32[start:] for start in self.starts32[3:])
         prefix_blocks = cascade_prefix_blocks(plan, bs)
         for row, (table, k) in enumerate(zip(step.block_tables, prefix_blocks)):
             tables[row, :len(table) - k] = table[k:]

@@ -209,7 +209,8 @@ def eager_inputs(step: StepInput, device: torch.device, prev_sampled: torch.Tens
         cascade = [t.int() for t in cascade]
         cascade[0], cascade[5] = cascade[0].view(len(groups), -1), cascade[5].view(step.num_tokens, -1)
         meta = AttentionMetadata(is_prefill=False, slot_mapping=slot_mapping.int(), cascade=CascadeMetadata(
-            *cascade, num_groups=len(groups), max_prefix_len=max(g.num_prefix_blocks for g in groups) * step.cascade.block_size))
+            *cascade, num_groups=len(groups),
+            max_prefix_len=max(g.num_prefix_blocks for g in groups) * step.cascade.block_size))
         return input_ids, positions, meta
     lengths = (step.cu_seqlens_q, step.cu_seqlens_k) if step.is_prefill else (step.context_lens,)
     tables = padded_tables(step.block_tables) if step.block_tables else []

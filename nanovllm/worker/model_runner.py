@@ -91,12 +91,12 @@ class ModelRunner:
         self.graph_runner = None  # the warm-up forward below runs eagerly
         self.num_kvcache_blocks = self._num_kvcache_blocks()
         self._allocate_kv_cache(self.num_kvcache_blocks)
+        policy = cascade_policy(config)
         if self.device.type == "cuda":
             self._warmup_cached_prefill()
-            if cascade_policy(config) is not None:
+            if policy is not None:
                 self._warmup_cascade()
         if self.device.type == "cuda" and not config.enforce_eager:
-            policy = cascade_policy(config)
             self.graph_runner = CUDAGraphRunner(self.model, config.graph_batch_sizes,
                                                 -(-config.max_model_len // self.block_size), hf_config.hidden_size,
                                                 config.torch_dtype, self.device, self.block_size,
