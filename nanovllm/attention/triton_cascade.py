@@ -1,17 +1,19 @@
 """Cascade (shared-prefix) decode attention in Triton: keys that a group of sequences shares are read once
 per group, each sequence's own keys once, and the two partial results are merged by log-sum-exp.
 
-Inputs are those of `AttentionMetadata.cascade` (CascadeMetadata). Three launches:
+Inputs are those of `AttentionMetadata.cascade` (CascadeMetadata). Two passes:
 - prefix pass, one program per (kv head, row tile of a group, split of the prefix): the query rows of a
   tile are (sequence of the group, query head of the kv head) pairs, BLOCK_M of them (so a tl.dot tile of
   SEQS_PER_TILE sequences x GROUP heads), attending the group's prefix keys through its prefix block
   table, flash-attention style (float32 online softmax, base 2). The shared K/V tile is loaded once for
   all those rows instead of once per sequence. Each group's prefix is cut into the same number of splits,
-  chosen on the device from the step's tile count;
+  chosen on the device from the step's tile count; each split writes a partial output and log-sum-exp;
 - suffix pass: triton_decode's `_decode_kernel` on the suffix block tables and lengths (each row's keys
-  after its group's prefix, or all of them for a row in no group), always writing per-split partials;
-- merge, one program per (sequence, query head): the prefix partials (none for a row in no group) and the
-  suffix partials, weighted by exp2(lse - max), as triton_decode's split merge.
+  after its group's prefix, or all of them for a row in no group). Its first split starts its online
+  softmax from the row's prefix partials (triton_tiles.fold_partials) instead of from nothing, so with one
+  split per row it writes the final output; with more, triton_decode's split merge follows, as in a plain
+  decode. (A separate merge of prefix and suffix partials cost as much as the prefix pass: 8,192 tiny
+  programs at the shared-prefix bench's shape.)
 Grids depend on the metadata's capacity only (num_groups groups, group_rows' length), never on the groups'
 sizes or prefix lengths, which the programs read on the device: the pass is CUDA-graph capturable, and a graph
 captured for a capacity replays any plan within it (worker/cuda_graph.py).
@@ -23,10 +25,10 @@ import triton.language as tl
 
 from nanovllm.attention.kv_store import FP8_DTYPE
 from nanovllm.attention.metadata import CascadeMetadata
-from nanovllm.attention.triton_decode import (DECODE_CONFIGS, FP8_DECODE_CONFIGS, LOG2E, MERGE_CHUNK,
-                                              MIN_GROUP_ROWS, SPLIT_PROGRAMS_PER_SM, _decode_kernel, attend_tiles,
-                                              check_attention_inputs, decode_splits, dot_precision, merge_splits,
-                                              num_sms)
+from nanovllm.attention.triton_decode import (DECODE_CONFIGS, FP8_DECODE_CONFIGS, MERGE_CHUNK, MIN_GROUP_ROWS,
+                                              SPLIT_PROGRAMS_PER_SM, _decode_kernel, _merge_kernel, decode_splits)
+from nanovllm.attention.triton_tiles import (LOG2E, attend_tiles, check_attention_inputs, dot_precision, empty_state,
+                                             num_sms)
 
 # Prefix pass tunables per head_dim: BLOCK_M (query rows per program), BLOCK_N (keys per tile), num_warps,
 # num_stages (scripts/bench_cascade.py times them).
@@ -58,7 +60,7 @@ def prefix_split_count(num_tiles, target_programs, max_splits, KV_HEADS: tl.cons
 @triton.jit(do_not_specialize=["table_stride", "num_groups", "target_programs", "max_splits"])
 def _prefix_kernel(q_ptr, q_stride_s, q_stride_h, k_cache_ptr, v_cache_ptr, k_scales_ptr, v_scales_ptr,
                    prefix_tables_ptr, table_stride, prefix_lens_ptr, group_rows_ptr, cu_group_rows_ptr, num_groups,
-                   part_out_ptr, part_lse_ptr, qk_scale, target_programs, max_splits, KV_HEADS: tl.constexpr,
+                   part_out_ptr, part_lse_ptr, count_ptr, qk_scale, target_programs, max_splits, KV_HEADS: tl.constexpr,
                    GROUP: tl.constexpr, SEQS_PER_TILE: tl.constexpr, GROUPS_PAD: tl.constexpr,
                    HEAD_DIM: tl.constexpr, PAGE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                    FP8: tl.constexpr, FP16_DOT: tl.constexpr, PRECISION: tl.constexpr):
@@ -66,6 +68,8 @@ def _prefix_kernel(q_ptr, q_stride_s, q_stride_h, k_cache_ptr, v_cache_ptr, k_sc
     firsts, ends, tiles = prefix_tiles(cu_group_rows_ptr, num_groups, SEQS_PER_TILE, GROUPS_PAD)
     num_tiles = tl.sum(tiles, axis=0)
     num_splits = prefix_split_count(num_tiles, target_programs, max_splits, KV_HEADS)
+    if (kv_head == 0) & (tile == 0) & (split == 0):
+        tl.store(count_ptr, num_splits)  # for the suffix pass: how many partials each row in a group has
     if tile >= num_tiles or split >= num_splits:  # the grid is sized for the capacity, not this step
         return
     tiles_through = tl.cumsum(tiles, axis=0)  # tiles of groups 0..g
@@ -89,32 +93,14 @@ def _prefix_kernel(q_ptr, q_stride_s, q_stride_h, k_cache_ptr, v_cache_ptr, k_sc
     if FP16_DOT:  # an FP8 cache: e4m3 -> fp16 is one instruction, e4m3 -> bf16 is not
         q = q.to(tl.float16)
     table_row = prefix_tables_ptr + group_id.to(tl.int64) * table_stride
+    m, l, acc = empty_state(BLOCK_M, HEAD_DIM)
     m, l, acc = attend_tiles(q, table_row, start, end, k_cache_ptr, v_cache_ptr, k_scales_ptr, v_scales_ptr, kv_head,
-                             qk_scale, BLOCK_M, KV_HEADS, HEAD_DIM, PAGE, BLOCK_N, FP8, PRECISION)
+                             qk_scale, m, l, acc, BLOCK_M, KV_HEADS, HEAD_DIM, PAGE, BLOCK_N, FP8, PRECISION)
 
     out = acc / tl.where(l == 0.0, 1.0, l)[:, None]
     part = (seqs * (KV_HEADS * GROUP) + heads) * max_splits + split  # workspace [num_seqs, num_heads, max_splits]
     tl.store(part_out_ptr + part[:, None] * HEAD_DIM + d[None, :], out, mask=row_ok[:, None])
     tl.store(part_lse_ptr + part, m + tl.log2(l), mask=row_ok)  # -inf for an empty split
-
-
-@triton.jit(do_not_specialize=["num_groups", "target_programs", "max_splits", "num_suffix_splits"])
-def _cascade_merge_kernel(prefix_out_ptr, prefix_lse_ptr, cu_group_rows_ptr, num_groups, target_programs, max_splits,
-                          suffix_out_ptr, suffix_lse_ptr, num_suffix_splits, seq_prefix_lens_ptr, out_ptr,
-                          NUM_HEADS: tl.constexpr, KV_HEADS: tl.constexpr, SEQS_PER_TILE: tl.constexpr,
-                          GROUPS_PAD: tl.constexpr, CHUNK: tl.constexpr, HEAD_DIM: tl.constexpr):
-    row = tl.program_id(0)  # seq * NUM_HEADS + head
-    prefix_len = tl.load(seq_prefix_lens_ptr + row // NUM_HEADS)
-    _, _, tiles = prefix_tiles(cu_group_rows_ptr, num_groups, SEQS_PER_TILE, GROUPS_PAD)
-    num_splits = prefix_split_count(tl.sum(tiles, axis=0), target_programs, max_splits, KV_HEADS)  # the prefix pass's
-    prefix_count = tl.where(prefix_len > 0, num_splits, 0)  # a row in no group has no prefix partials
-    m, total, acc = merge_splits(prefix_out_ptr, prefix_lse_ptr, row, max_splits, prefix_count,
-                                 tl.full([], float("-inf"), tl.float32), tl.zeros([], tl.float32),
-                                 tl.zeros([HEAD_DIM], tl.float32), CHUNK, HEAD_DIM)
-    m, total, acc = merge_splits(suffix_out_ptr, suffix_lse_ptr, row, num_suffix_splits, num_suffix_splits,
-                                 m, total, acc, CHUNK, HEAD_DIM)
-    out = acc / tl.where(total == 0.0, 1.0, total)  # nothing at all (context 0): zeros
-    tl.store(out_ptr + row * HEAD_DIM + tl.arange(0, HEAD_DIM), out.to(out_ptr.dtype.element_ty))
 
 
 def cascade_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, cascade: CascadeMetadata,
@@ -146,25 +132,6 @@ def cascade_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor
         return out
     fp16_dot, precision = fp8 and q.dtype == torch.bfloat16, dot_precision(q.dtype)
 
-    # suffix pass: the paged decode kernel over each row's keys after its prefix, partials always
-    block_n, num_warps, num_stages = (FP8_DECODE_CONFIGS if fp8 else DECODE_CONFIGS)[head_dim]
-    tables, lens = cascade.suffix_block_tables, cascade.suffix_lens
-    assert tables.stride(1) == 1 and tables.shape[0] == num_seqs == lens.shape[0]
-    max_tiles = max(1, triton.cdiv(tables.shape[1] * block_size, block_n))
-    if suffix_splits is None:
-        suffix_splits, tiles_per_split = decode_splits(num_seqs, num_kv_heads, tables.shape[1] * block_size,
-                                                       device, block_n)
-    else:
-        tiles_per_split = triton.cdiv(max_tiles, suffix_splits)
-        suffix_splits = triton.cdiv(max_tiles, tiles_per_split)
-    suffix_out = torch.empty(num_seqs, num_heads, suffix_splits, head_dim, dtype=torch.float32, device=device)
-    suffix_lse = torch.empty(num_seqs, num_heads, suffix_splits, dtype=torch.float32, device=device)
-    _decode_kernel[(num_kv_heads, num_seqs, suffix_splits)](
-        q, q.stride(0), q.stride(1), k_cache, v_cache, *scales, tables, tables.stride(0), lens, out, suffix_out,
-        suffix_lse, scale * LOG2E, tiles_per_split * block_n, num_kv_heads, group,
-        max(MIN_GROUP_ROWS, triton.next_power_of_2(group)), head_dim, block_size, block_n, True, fp8, fp16_dot,
-        precision, num_warps=num_warps, num_stages=num_stages)
-
     # prefix pass: each group's shared keys once per tile of its rows. The grid covers the metadata's capacity
     # (num_groups groups over group_rows' rows); the programs read the real groups and split count on the device.
     block_m, block_n, num_warps, num_stages = prefix_config or (FP8_PREFIX_CONFIGS if fp8 else PREFIX_CONFIGS)[
@@ -181,18 +148,38 @@ def cascade_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor
     groups_pad = max(MIN_GROUPS_PAD, triton.next_power_of_2(cascade.num_groups))
     prefix_out = torch.empty(num_seqs, num_heads, max_splits, head_dim, dtype=torch.float32, device=device)
     prefix_lse = torch.empty(num_seqs, num_heads, max_splits, dtype=torch.float32, device=device)
+    prefix_count = torch.empty(1, dtype=torch.int32, device=device)  # the splits the programs chose
     prefix_tables = cascade.prefix_block_tables
     assert prefix_tables.stride(1) == 1 and prefix_tables.shape[0] == cascade.num_groups
     _prefix_kernel[(num_kv_heads, max_tiles, max_splits)](
         q, q.stride(0), q.stride(1), k_cache, v_cache, *scales, prefix_tables, prefix_tables.stride(0),
         cascade.prefix_lens, cascade.group_rows, cascade.cu_group_rows, cascade.num_groups, prefix_out, prefix_lse,
-        scale * LOG2E, target_programs, max_splits, num_kv_heads, group, seqs_per_tile, groups_pad, head_dim,
-        block_size, block_m, block_n, fp8, fp16_dot, precision, num_warps=num_warps, num_stages=num_stages)
+        prefix_count, scale * LOG2E, target_programs, max_splits, num_kv_heads, group, seqs_per_tile, groups_pad,
+        head_dim, block_size, block_m, block_n, fp8, fp16_dot, precision, num_warps=num_warps, num_stages=num_stages)
 
-    # splits merged per loop step: no more than there can be (a wider chunk computes on masked-off partials)
-    chunk = min(MERGE_CHUNK, triton.next_power_of_2(max(2, max_splits, suffix_splits)))
-    _cascade_merge_kernel[(num_seqs * num_heads,)](
-        prefix_out, prefix_lse, cascade.cu_group_rows, cascade.num_groups, target_programs, max_splits, suffix_out,
-        suffix_lse, suffix_splits, cascade.seq_prefix_lens, out, num_heads, num_kv_heads, seqs_per_tile, groups_pad,
-        chunk, head_dim)
+    # suffix pass: the paged decode kernel over each row's keys after its prefix, its first split starting from
+    # the row's prefix partials; then the plain decode's merge of the splits, if there are several
+    block_n, num_warps, num_stages = (FP8_DECODE_CONFIGS if fp8 else DECODE_CONFIGS)[head_dim]
+    tables, lens = cascade.suffix_block_tables, cascade.suffix_lens
+    assert tables.stride(1) == 1 and tables.shape[0] == num_seqs == lens.shape[0]
+    max_tiles = max(1, triton.cdiv(tables.shape[1] * block_size, block_n))
+    if suffix_splits is None:
+        suffix_splits, tiles_per_split = decode_splits(num_seqs, num_kv_heads, tables.shape[1] * block_size,
+                                                       device, block_n)
+    else:
+        tiles_per_split = triton.cdiv(max_tiles, suffix_splits)
+        suffix_splits = triton.cdiv(max_tiles, tiles_per_split)
+    if suffix_splits > 1:
+        suffix_out = torch.empty(num_seqs, num_heads, suffix_splits, head_dim, dtype=torch.float32, device=device)
+        suffix_lse = torch.empty(num_seqs, num_heads, suffix_splits, dtype=torch.float32, device=device)
+    else:
+        suffix_out = suffix_lse = out  # unused
+    _decode_kernel[(num_kv_heads, num_seqs, suffix_splits)](
+        q, q.stride(0), q.stride(1), k_cache, v_cache, *scales, tables, tables.stride(0), lens, out, suffix_out,
+        suffix_lse, scale * LOG2E, tiles_per_split * block_n, prefix_out, prefix_lse, max_splits, prefix_count,
+        cascade.seq_prefix_lens, num_kv_heads, group, max(MIN_GROUP_ROWS, triton.next_power_of_2(group)), head_dim,
+        block_size, block_n, suffix_splits > 1, True, fp8, fp16_dot, precision, num_warps=num_warps,
+        num_stages=num_stages)
+    if suffix_splits > 1:
+        _merge_kernel[(num_seqs * num_heads,)](suffix_out, suffix_lse, out, suffix_splits, MERGE_CHUNK, head_dim)
     return out

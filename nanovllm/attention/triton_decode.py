@@ -10,17 +10,13 @@ a pass 1 of its own that does the math on CUDA cores (`_fp8_cuda_core_kernel`, b
 only on static shapes (num_seqs, block-table width, block_size, SM count), never on context_lens, so the
 pair is CUDA-graph capturable; rows with context_len 0 (graph padding) read nothing and output zeros.
 """
-import functools
-
 import torch
 import triton
 import triton.language as tl
 
 from nanovllm.attention.kv_store import FP8_DTYPE
-
-HEAD_DIMS = (64, 128, 256)
-QUERY_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
-LOG2E = 1.4426950408889634
+from nanovllm.attention.triton_tiles import (LOG2E, attend_tiles, cache_rows, check_attention_inputs, dot_precision,
+                                             empty_state, fold_partials, merge_splits, num_sms)
 
 # Tunables (scripts/bench_attention.py sweeps them). Per head_dim: BLOCK_N (keys per tile), num_warps,
 # num_stages (tiles in flight: software pipelining of the K/V loads).
@@ -38,87 +34,16 @@ MIN_GROUP_ROWS = 16  # tl.dot needs M >= 16: the query-head group is padded up t
 MERGE_CHUNK = 64  # split partials merged per loop step (a decode step has at most 2 x SMs / kv heads)
 
 
-def check_attention_inputs(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                           k_scales: torch.Tensor | None, v_scales: torch.Tensor | None):
-    """ValueError for a head_dim, dtype or head count these kernels do not support."""
-    num_heads, head_dim = q.shape[-2:]
-    num_kv_heads = k_cache.shape[-2]
-    if head_dim not in HEAD_DIMS:
-        raise ValueError(f"head_dim must be one of {HEAD_DIMS}, got {head_dim}")
-    if q.dtype not in QUERY_DTYPES:
-        raise ValueError(f"query dtype must be one of {QUERY_DTYPES}, got {q.dtype}")
-    if k_cache.dtype not in (q.dtype, FP8_DTYPE) or v_cache.dtype != k_cache.dtype:
-        raise ValueError(f"cache dtype must be the query's ({q.dtype}) or {FP8_DTYPE}, got {k_cache.dtype}")
-    if num_heads % num_kv_heads:
-        raise ValueError(f"num_heads ({num_heads}) must be a multiple of num_kv_heads ({num_kv_heads})")
-    if k_cache.dtype == FP8_DTYPE and (k_scales is None or v_scales is None):
-        raise ValueError("a float8_e4m3fn cache needs k_scales and v_scales")
-    assert q.stride(-1) == 1 and v_cache.shape == k_cache.shape and k_cache.shape[-1] == head_dim
-
-
-def dot_precision(dtype: torch.dtype) -> str:
-    return "ieee" if dtype == torch.float32 else "tf32"  # tf32 is the default, unused for 16-bit inputs
-
-
-@triton.jit
-def cache_rows(table_row_ptr, start, length, PAGE: tl.constexpr, BLOCK_N: tl.constexpr):
-    """Flat cache rows (block * PAGE + offset, int64) [BLOCK_N] of key positions start + 0..BLOCK_N-1
-    (start a multiple of BLOCK_N); table entries of positions >= length are not read."""
-    offs = tl.arange(0, BLOCK_N)
-    if PAGE >= BLOCK_N:  # the tile lies within one page: one table entry
-        block = tl.load(table_row_ptr + start // PAGE).to(tl.int64)
-        rows = block * PAGE + (start % PAGE + offs)
-    else:  # the tile spans BLOCK_N // PAGE pages
-        pos = start + offs
-        block = tl.load(table_row_ptr + pos // PAGE, mask=pos < length, other=0).to(tl.int64)
-        rows = block * PAGE + pos % PAGE
-    return rows
-
-
-@triton.jit
-def attend_tiles(q, table_row_ptr, start, end, k_cache_ptr, v_cache_ptr, k_scales_ptr, v_scales_ptr, kv_head,
-                 qk_scale, ROWS: tl.constexpr, KV_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, PAGE: tl.constexpr,
-                 BLOCK_N: tl.constexpr, FP8: tl.constexpr, PRECISION: tl.constexpr):
-    """Online softmax (float32, base 2) of the query rows q [ROWS, HEAD_DIM] over one kv head's keys
-    start..end-1, found through the block-table row (start a multiple of BLOCK_N). Returns (m, l, acc):
-    the running max [ROWS], the normalizer [ROWS] and the unnormalized output [ROWS, HEAD_DIM];
-    -inf, 0 and zeros for an empty range."""
-    n = tl.arange(0, BLOCK_N)
-    d = tl.arange(0, HEAD_DIM)
-    m = tl.full([ROWS], float("-inf"), tl.float32)
-    l = tl.zeros([ROWS], tl.float32)
-    acc = tl.zeros([ROWS, HEAD_DIM], tl.float32)
-    for tile in range(start, end, BLOCK_N):
-        rows = cache_rows(table_row_ptr, tile, end, PAGE, BLOCK_N)  # [BLOCK_N]
-        valid = tile + n < end
-        offsets = rows[:, None] * (KV_HEADS * HEAD_DIM) + kv_head * HEAD_DIM + d[None, :]
-        k = tl.load(k_cache_ptr + offsets, mask=valid[:, None], other=0.0)  # [BLOCK_N, HEAD_DIM]
-        v = tl.load(v_cache_ptr + offsets, mask=valid[:, None], other=0.0)
-        s = tl.dot(q, tl.trans(k.to(q.dtype)), input_precision=PRECISION)  # [ROWS, BLOCK_N]
-        if FP8:  # s = (q . k_fp8) * k_scale, column by column
-            k_scale = tl.load(k_scales_ptr + rows * KV_HEADS + kv_head, mask=valid, other=0.0)
-            s = s * (k_scale * qk_scale)[None, :]
-        else:
-            s = s * qk_scale
-        s = tl.where(valid[None, :], s, float("-inf"))
-        m_new = tl.maximum(m, tl.max(s, axis=1))
-        alpha = tl.exp2(m - m_new)
-        p = tl.exp2(s - m_new[:, None])
-        l = l * alpha + tl.sum(p, axis=1)
-        if FP8:  # fold v_scale into P's columns: P @ (v_fp8 * v_scale) = (P * v_scale) @ v_fp8
-            v_scale = tl.load(v_scales_ptr + rows * KV_HEADS + kv_head, mask=valid, other=0.0)
-            p = p * v_scale[None, :]
-        acc = acc * alpha[:, None] + tl.dot(p.to(q.dtype), v.to(q.dtype), input_precision=PRECISION)
-        m = m_new
-    return m, l, acc
-
-
 # The block-table width and split length vary with the batch: runtime values, so no step compiles a variant.
-@triton.jit(do_not_specialize=["table_stride", "split_len"])
+# PREFIX: a cascade's suffix pass (triton_cascade): split 0 of a row with a shared prefix starts from the prefix
+# pass's partials (prefix_count_ptr: how many per row; seq_prefix_lens_ptr: 0 for a row in no group) instead of
+# from nothing, so no separate merge of prefix and suffix is needed.
+@triton.jit(do_not_specialize=["table_stride", "split_len", "prefix_stride"])
 def _decode_kernel(q_ptr, q_stride_s, q_stride_h, k_cache_ptr, v_cache_ptr, k_scales_ptr, v_scales_ptr,
                    block_tables_ptr, table_stride, context_lens_ptr, out_ptr, part_out_ptr, part_lse_ptr, qk_scale,
-                   split_len, KV_HEADS: tl.constexpr, GROUP: tl.constexpr, GROUP_PAD: tl.constexpr,
-                   HEAD_DIM: tl.constexpr, PAGE: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT: tl.constexpr,
+                   split_len, prefix_out_ptr, prefix_lse_ptr, prefix_stride, prefix_count_ptr, seq_prefix_lens_ptr,
+                   KV_HEADS: tl.constexpr, GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr,
+                   PAGE: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT: tl.constexpr, PREFIX: tl.constexpr,
                    FP8: tl.constexpr, FP16_DOT: tl.constexpr, PRECISION: tl.constexpr):
     kv_head, seq, split = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     context_len = tl.load(context_lens_ptr + seq)
@@ -133,8 +58,14 @@ def _decode_kernel(q_ptr, q_stride_s, q_stride_h, k_cache_ptr, v_cache_ptr, k_sc
     if FP16_DOT:  # e4m3 -> fp16 is one instruction on sm_89+, e4m3 -> bf16 is not: dot in fp16
         q = q.to(tl.float16)
     table_row = block_tables_ptr + seq.to(tl.int64) * table_stride
+    m, l, acc = empty_state(GROUP_PAD, HEAD_DIM)
+    if PREFIX:  # workspace [num_seqs, num_heads, prefix_stride, (HEAD_DIM)]
+        shared = (split == 0) & (tl.load(seq_prefix_lens_ptr + seq) > 0)
+        count = tl.where(shared, tl.load(prefix_count_ptr), 0)
+        part = (seq * KV_HEADS * GROUP + heads) * prefix_stride
+        m, l, acc = fold_partials(prefix_out_ptr, prefix_lse_ptr, part, g < GROUP, count, m, l, acc, HEAD_DIM)
     m, l, acc = attend_tiles(q, table_row, start, end, k_cache_ptr, v_cache_ptr, k_scales_ptr, v_scales_ptr, kv_head,
-                             qk_scale, GROUP_PAD, KV_HEADS, HEAD_DIM, PAGE, BLOCK_N, FP8, PRECISION)
+                             qk_scale, m, l, acc, GROUP_PAD, KV_HEADS, HEAD_DIM, PAGE, BLOCK_N, FP8, PRECISION)
 
     out = acc / tl.where(l == 0.0, 1.0, l)[:, None]  # an empty split (or context 0) gives zeros
     head_mask = (g < GROUP)[:, None]
@@ -145,29 +76,6 @@ def _decode_kernel(q_ptr, q_stride_s, q_stride_h, k_cache_ptr, v_cache_ptr, k_sc
         part = (seq * KV_HEADS * GROUP + heads) * tl.num_programs(2) + split  # [GROUP_PAD]
         tl.store(part_out_ptr + part[:, None] * HEAD_DIM + d[None, :], out, mask=head_mask)
         tl.store(part_lse_ptr + part, m + tl.log2(l), mask=g < GROUP)  # -inf when empty
-
-
-@triton.jit
-def merge_splits(part_out_ptr, part_lse_ptr, row, num_splits, count, m, total, acc, CHUNK: tl.constexpr,
-                 HEAD_DIM: tl.constexpr):
-    """Fold the first `count` of `row`'s num_splits partial results (workspace rows of HEAD_DIM outputs and
-    a base-2 log-sum-exp, -inf for an empty split) into the running max m, weight total and weighted sum
-    acc [HEAD_DIM]; CHUNK splits at a time, so that no compiled variant depends on the split count."""
-    c = tl.arange(0, CHUNK)
-    d = tl.arange(0, HEAD_DIM)
-    for start in range(0, count, CHUNK):
-        ok = start + c < count
-        lse = tl.load(part_lse_ptr + row * num_splits + start + c, mask=ok, other=float("-inf"))
-        m_new = tl.maximum(m, tl.max(lse, axis=0))
-        base = tl.where(m_new == float("-inf"), 0.0, m_new)  # all empty so far: weights stay 0
-        alpha = tl.exp2(m - base)
-        w = tl.exp2(lse - base)
-        parts = tl.load(part_out_ptr + (row * num_splits + start + c)[:, None] * HEAD_DIM + d[None, :],
-                        mask=ok[:, None], other=0.0)  # [CHUNK, HEAD_DIM]
-        total = total * alpha + tl.sum(w, axis=0)
-        acc = acc * alpha + tl.sum(parts * w[:, None], axis=0)
-        m = m_new
-    return m, total, acc
 
 
 # The split count varies with the batch (eager steps): a runtime value, so no step compiles a variant.
@@ -259,13 +167,6 @@ def _fp8_cuda_core_kernel(q_ptr, q_stride_s, q_stride_h, k_cache_ptr, v_cache_pt
 
 
 
-@functools.lru_cache(maxsize=None)
-def num_sms(device: torch.device) -> int:
-    if device.type == "cuda":
-        return torch.cuda.get_device_properties(device).multi_processor_count
-    return 4  # the interpreter: a few splits, so that the merge runs
-
-
 def decode_splits(num_seqs: int, num_kv_heads: int, max_context: int, device: torch.device, block_n: int,
                   programs_per_sm: int = SPLIT_PROGRAMS_PER_SM) -> tuple[int, int]:
     """(num_splits, tiles_per_split) from static shapes only; max_context is the block-table width in
@@ -331,14 +232,15 @@ def paged_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, 
     # kv heads fastest: a sequence's programs run together and share its block-table row and scale sectors in L2
     grid = (num_kv_heads, num_seqs, num_splits)
     args = (q, q.stride(0), q.stride(1), k_cache, v_cache, *scales, block_tables, block_tables.stride(0), context_lens,
-            out, part_out, part_lse, scale * LOG2E, tiles_per_split * block_n, num_kv_heads, group)
+            out, part_out, part_lse, scale * LOG2E, tiles_per_split * block_n)
     if cuda_core:
-        _fp8_cuda_core_kernel[grid](*args, triton.next_power_of_2(group), head_dim, block_size, block_n, lanes,
-                                    num_splits > 1, num_warps=num_warps, num_stages=num_stages,
+        _fp8_cuda_core_kernel[grid](*args, num_kv_heads, group, triton.next_power_of_2(group), head_dim, block_size,
+                                    block_n, lanes, num_splits > 1, num_warps=num_warps, num_stages=num_stages,
                                     maxnreg=CUDA_CORE_CONFIG[2])
     else:
-        _decode_kernel[grid](*args, max(MIN_GROUP_ROWS, triton.next_power_of_2(group)), head_dim, block_size, block_n,
-                             num_splits > 1, fp8, fp8 and q.dtype == torch.bfloat16, dot_precision(q.dtype),
+        no_prefix = (out, out, 0, context_lens, context_lens)  # unused pointers: PREFIX is False
+        _decode_kernel[grid](*args, *no_prefix, num_kv_heads, group, max(MIN_GROUP_ROWS, triton.next_power_of_2(group)),
+                             head_dim, block_size, block_n, num_splits > 1, False, fp8, fp8 and q.dtype == torch.bfloat16, dot_precision(q.dtype),
                              num_warps=num_warps, num_stages=num_stages)
     if num_splits > 1:
         _merge_kernel[(num_seqs * num_heads,)](part_out, part_lse, out, num_splits, MERGE_CHUNK, head_dim)

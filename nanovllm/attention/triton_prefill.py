@@ -12,7 +12,7 @@ import triton
 import triton.language as tl
 
 from nanovllm.attention.kv_store import FP8_DTYPE
-from nanovllm.attention.triton_decode import LOG2E, cache_rows, check_attention_inputs, dot_precision
+from nanovllm.attention.triton_tiles import LOG2E, cache_rows, check_attention_inputs, dot_precision
 
 # Tunables per head_dim (scripts/bench_attention.py sweeps them): BLOCK_M, BLOCK_N, num_warps, num_stages.
 PREFILL_CONFIGS = {64: (128, 64, 4, 3), 128: (64, 64, 4, 3), 256: (64, 32, 8, 2)}

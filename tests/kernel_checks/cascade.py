@@ -74,7 +74,7 @@ def with_room(meta: CascadeMetadata, groups: int, rows: int) -> CascadeMetadata:
 
 
 def check_cascade(device, block_size, head_dim, group, cache_dtype, dtype=torch.bfloat16,
-                  splits=((None, None), (1, 1), (3, 2)), prefix_config=None, room=(0, 0)):
+                  splits=((None, None), (1, 1), (2, 1), (3, 2)), prefix_config=None, room=(0, 0)):
     """`room`: (groups, rows) of unused capacity in the metadata (a CUDA graph's plan)."""
     q, k_cache, v_cache, k_scales, v_scales, meta, full, context_lens = cascade_case(
         device, block_size, head_dim, group, cache_dtype, dtype, seed=block_size + head_dim + group)
