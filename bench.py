@@ -19,7 +19,10 @@ Lengths are drawn from [min(100, max), max], so any --max-input-len / --max-outp
 On the CPU the full workload takes long: a progress bar shows how far it got.
 
 Shared-prefix workloads (decode tok/s: decode steps only, timed step by step, and its share of the floor
-where every distinct KV block of a step's batch is read once, plus the weights, at --bandwidth-tbs):
+where every distinct KV block of a step's batch is read once, plus the weights, at --bandwidth-tbs). With
+async scheduling a step's wall time covers the GPU work of the step before it: where a decode step follows
+a prefill step (or the other way round), the device is drained first and that wait is counted with the
+earlier step's kind.
 - shared-prefix: random.seed(0); one 2,048-token random system prompt; --num-seqs (512 unless given)
   prompts = it + randint(32, 256) own random tokens; temperature 0.6, ignore_eos, 128 new tokens each.
 - n-samples: random.seed(0); 64 prompts of 1,024 random tokens; n=16, temperature 0.6, ignore_eos,
@@ -214,14 +217,20 @@ def shared_throughput(llm: LLM, args):
     token_bytes = 2 * hf.num_hidden_layers * hf.num_key_value_heads * head_dim * kv_bytes  # K and V, all layers
     weight_bytes = sum(p.numel() * p.element_size() for p in engine.executor.runner.model.parameters())
     block_size = engine.config.block_size
-    scheduler, steps = engine.scheduler, []  # per step: (is_prefill, rows, distinct KV blocks, host s to count)
+    # per step: (is_prefill, rows, distinct KV blocks, host s not to count, s of the previous kind's GPU work)
+    scheduler, steps = engine.scheduler, []
     schedule = scheduler.schedule
+    on_cuda = engine.config.device_type == "cuda"
 
     def recording_schedule():
         output = schedule()
         start = time.perf_counter()
+        drained = 0.0
+        if steps and steps[-1][0] != output.is_prefill and on_cuda:  # the other kind's steps end here
+            torch.cuda.synchronize()
+            drained = time.perf_counter() - start
         blocks = 0 if output.is_prefill else len({b for seq in output.seqs for b in seq.block_table})
-        steps.append((output.is_prefill, len(output.seqs), blocks, time.perf_counter() - start))
+        steps.append((output.is_prefill, len(output.seqs), blocks, time.perf_counter() - start, drained))
         return output
     llm.generate([[0] * 16], SamplingParams(max_tokens=4), use_tqdm=False)  # warm-up
     prompts, params = shared_workload(args.workload, args.num_seqs)
@@ -234,11 +243,13 @@ def shared_throughput(llm: LLM, args):
         while not engine.is_finished():
             start = time.perf_counter()
             engine.step()
-            is_prefill, rows, blocks, counting_s = steps[-1]
+            is_prefill, rows, blocks, counting_s, drained_s = steps[-1]
             elapsed = time.perf_counter() - start - counting_s
             if is_prefill:
                 prefill_s += elapsed
+                decode_s += drained_s
                 continue
+            prefill_s += drained_s
             decode_s += elapsed
             decode_tokens += rows
             floor_s += (weight_bytes + blocks * block_size * token_bytes) / (args.bandwidth_tbs * 1e12)
