@@ -240,8 +240,9 @@ def paged_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, 
     else:
         no_prefix = (out, out, 0, context_lens, context_lens)  # unused pointers: PREFIX is False
         _decode_kernel[grid](*args, *no_prefix, num_kv_heads, group, max(MIN_GROUP_ROWS, triton.next_power_of_2(group)),
-                             head_dim, block_size, block_n, num_splits > 1, False, fp8, fp8 and q.dtype == torch.bfloat16, dot_precision(q.dtype),
-                             num_warps=num_warps, num_stages=num_stages)
+                             head_dim, block_size, block_n, num_splits > 1, False, fp8,
+                             fp8 and q.dtype == torch.bfloat16, dot_precision(q.dtype), num_warps=num_warps,
+                             num_stages=num_stages)
     if num_splits > 1:
         _merge_kernel[(num_seqs * num_heads,)](part_out, part_lse, out, num_splits, MERGE_CHUNK, head_dim)
     return out

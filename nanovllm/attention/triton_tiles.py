@@ -17,6 +17,7 @@ HEAD_DIMS = (64, 128, 256)
 QUERY_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 LOG2E = 1.4426950408889634
 
+
 def check_attention_inputs(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                            k_scales: torch.Tensor | None, v_scales: torch.Tensor | None):
     """ValueError for a head_dim, dtype or head count these kernels do not support."""
@@ -56,8 +57,8 @@ def cache_rows(table_row_ptr, start, length, PAGE: tl.constexpr, BLOCK_N: tl.con
 
 @triton.jit
 def attend_tiles(q, table_row_ptr, start, end, k_cache_ptr, v_cache_ptr, k_scales_ptr, v_scales_ptr, kv_head,
-                 qk_scale, m, l, acc, ROWS: tl.constexpr, KV_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, PAGE: tl.constexpr,
-                 BLOCK_N: tl.constexpr, FP8: tl.constexpr, PRECISION: tl.constexpr):
+                 qk_scale, m, l, acc, ROWS: tl.constexpr, KV_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr,
+                 PAGE: tl.constexpr, BLOCK_N: tl.constexpr, FP8: tl.constexpr, PRECISION: tl.constexpr):
     """Online softmax (float32, base 2) of the query rows q [ROWS, HEAD_DIM] over one kv head's keys
     start..end-1, found through the block-table row (start a multiple of BLOCK_N), continuing the state
     (m, l, acc): the running max [ROWS], the normalizer [ROWS] and the unnormalized output [ROWS, HEAD_DIM]
