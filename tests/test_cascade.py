@@ -71,7 +71,7 @@ def test_policy_follows_config_and_backend(qwen3_tied):
     from nanovllm.config import Config
     from nanovllm.worker.cascade import cascade_policy
     policy = cascade_policy(Config(qwen3_tied, enable_cascade_attention=True, **ENGINE_ARGS))
-    assert policy == CascadePolicy(cascade_module.MIN_GROUP_SAVED_BLOCKS * 16, 0)  # CPU: no graphs to lose
+    assert policy == CascadePolicy(cascade_module.MIN_GROUP_SAVED_BLOCKS * 16, 0)  # CPU: groups from two rows
     assert cascade_policy(Config(qwen3_tied, enable_cascade_attention=False, **ENGINE_ARGS)) is None
     assert Config(qwen3_tied, **ENGINE_ARGS).enable_cascade_attention is False  # None: off on the CPU
     with pytest.raises(ValueError, match="enable_cascade_attention must be True, False or None, got 'yes'"):
