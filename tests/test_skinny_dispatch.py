@@ -1,7 +1,7 @@
 """prefer_skinny's choice between the one-row Triton linear and the layer's usual kernel (layers/skinny_gemm.py),
 with the GPU timing replaced: measured once per weight shape and dtype, never during CUDA-graph capture (the
-usual kernel until measured), the skinny kernel only when it is at least MIN_GAIN faster, and never for more
-than one row or off CUDA."""
+usual kernel until measured), the skinny kernel only when it is at least MIN_GAIN faster (or, with a prologue
+to run, at most MAX_LOSS_WITH_PROLOGUE slower), and never for more than one row or off CUDA."""
 from types import SimpleNamespace
 
 import pytest
@@ -32,14 +32,14 @@ def timings(monkeypatch):
     monkeypatch.setattr(skinny_gemm, "_time_ms", fake_time)
     monkeypatch.setattr(skinny_gemm, "skinny_linear", lambda *args, **kwargs: state.skinny_ms)
     monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: state.capturing)
-    monkeypatch.setattr(skinny_gemm, "_choices", {})
+    monkeypatch.setattr(skinny_gemm, "_ratios", {})
     if skinny_gemm.triton is None:
         pytest.skip("needs Triton")
     return state
 
 
-def prefer(timings, x, weight, scale=None) -> bool:
-    return skinny_gemm.prefer_skinny(x, weight, scale, lambda: timings.default_ms)
+def prefer(timings, x, weight, scale=None, prologue=False) -> bool:
+    return skinny_gemm.prefer_skinny(x, weight, scale, lambda: timings.default_ms, prologue)
 
 
 def test_measured_once_per_shape_and_kept(timings):
@@ -78,3 +78,14 @@ def test_only_one_row_on_cuda(timings):
     assert not prefer(timings, FakeCudaRow(2, 128), weight)
     assert not prefer(timings, torch.empty(1, 128, dtype=torch.bfloat16), weight)  # a CPU tensor
     assert timings.measured == 0
+
+
+def test_a_prologue_may_cost_a_little(timings):
+    """With a norm or activation to fuse (a launch saved), the skinny kernel may be a bit slower, not much."""
+    weight = torch.empty(64, 128, dtype=torch.bfloat16)
+    timings.skinny_ms, timings.default_ms = 1.05, 1.0
+    assert not prefer(timings, FakeCudaRow(1, 128), weight) and prefer(timings, FakeCudaRow(1, 128), weight, None, True)
+    assert timings.measured == 2  # one measurement serves both
+    other = torch.empty(128, 128, dtype=torch.bfloat16)
+    timings.skinny_ms = skinny_gemm.MAX_LOSS_WITH_PROLOGUE * 1.01
+    assert not prefer(timings, FakeCudaRow(1, 128), other, None, True)
