@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from nanovllm.layers.skinny_gemm import Prologue
 from nanovllm.utils.triton_utils import tl, triton
 
 SILU_BLOCK = 1024  # columns of the output per Triton program
@@ -49,3 +50,18 @@ class SiluAndMul(nn.Module):
         if x.is_cuda and triton is not None and x.dim() == 2:
             return silu_and_mul_triton(x)
         return silu_and_mul(x)
+
+
+class PendingSiluMul:
+    """`silu_and_mul(gate_up)`, left to the layer that reads it (see layernorm.PendingNorm): computed in the
+    prologue of a one-row linear kernel, or by `value()`."""
+
+    def __init__(self, act: SiluAndMul, gate_up: torch.Tensor):
+        self.act, self.gate_up = act, gate_up
+        self.rows = gate_up[..., :gate_up.shape[-1] // 2]  # shaped like the value: what a reader decides on
+
+    def value(self) -> torch.Tensor:
+        return self.act(self.gate_up)
+
+    def prologue(self) -> tuple[torch.Tensor, Prologue]:
+        return self.gate_up, Prologue(silu_mul=True)

@@ -9,6 +9,7 @@ Outputs are new tensors; the inputs are never written.
 import torch
 from torch import nn
 
+from nanovllm.layers.skinny_gemm import Prologue
 from nanovllm.utils.triton_utils import tl, triton
 
 
@@ -80,3 +81,29 @@ class RMSNorm(nn.Module):
         if residual is None:
             return rms_norm(x, self.weight, self.eps)
         return add_rms_norm(x, residual, self.weight, self.eps)
+
+
+class PendingNorm:
+    """`norm(x, residual)`, left to the layer that reads it: a linear running its one-row kernel computes
+    the norm in that kernel's prologue (layers/skinny_gemm.py: a launch less per norm), anything else calls
+    `value()`. Afterwards `residual` is x + residual (x without one), the stream the decoder carries on."""
+
+    def __init__(self, norm: RMSNorm, x: torch.Tensor, residual: torch.Tensor | None):
+        self.norm, self.x, self.residual_in = norm, x, residual
+        self.residual = None
+        self.rows = x  # shaped like the value: what a reader decides on
+
+    def value(self) -> torch.Tensor:
+        if self.residual_in is None:
+            out, self.residual = self.norm(self.x), self.x
+        else:
+            out, self.residual = self.norm(self.x, self.residual_in)
+        return out
+
+    def prologue(self) -> tuple[torch.Tensor, Prologue]:
+        """The kernel's input and its prologue (which writes `residual`)."""
+        if self.residual_in is None:
+            self.residual = self.x
+            return self.x, Prologue(self.norm.weight, self.norm.eps)
+        self.residual = torch.empty_like(self.x)
+        return self.x, Prologue(self.norm.weight, self.norm.eps, self.residual_in, self.residual)

@@ -17,10 +17,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from nanovllm.layers.activation import PendingSiluMul
+from nanovllm.layers.layernorm import PendingNorm
 from nanovllm.layers.quantization import fp8
 from nanovllm.layers.quantization.config import Fp8Config
 from nanovllm.layers.skinny_gemm import prefer_skinny, skinny_linear
 from nanovllm.utils.parallel import all_reduce, divide, tp_rank, tp_size
+
+Pending = PendingNorm | PendingSiluMul  # an input some linears compute in their kernel's prologue
 
 
 class LinearBase(nn.Module):
@@ -64,18 +68,25 @@ class LinearBase(nn.Module):
         if self.quant_config is not None:
             fp8.process_weights_after_loading(self, self.quant_config, self.params_dtype)
 
-    def _linear(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    def _linear(self, x: torch.Tensor | Pending, bias: torch.Tensor | None) -> torch.Tensor:
+        """x @ W^T (+ bias); x may be a norm or activation still to compute (Pending): the one-row kernel
+        computes it in its prologue where that kernel is taken."""
         scale = self.weight_scale_inv if self.weight.dtype == fp8.FP8_DTYPE else None
-        if prefer_skinny(x, self.weight, scale, lambda: self._default(x, bias, scale)):
-            return skinny_linear(x, self.weight, bias, scale)  # one row (decode at batch 1)
-        return self._default(x, bias, scale)
+        pending = isinstance(x, (PendingNorm, PendingSiluMul))
+        rows = x.rows if pending else x
+        if prefer_skinny(rows, self.weight, scale, lambda: self._default(rows, bias, scale), prologue=pending):
+            if pending:  # one row (decode at batch 1)
+                x, prologue = x.prologue()
+                return skinny_linear(x, self.weight, bias, scale, prologue=prologue)
+            return skinny_linear(x, self.weight, bias, scale)
+        return self._default(x.value() if pending else x, bias, scale)
 
     def _default(self, x: torch.Tensor, bias: torch.Tensor | None, scale: torch.Tensor | None) -> torch.Tensor:
         if scale is not None:
             return fp8.apply(x, self.weight, scale, bias)
         return F.linear(x, self.weight, bias)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor | Pending) -> torch.Tensor:
         return self._linear(x, self.bias)
 
 
@@ -140,7 +151,7 @@ class RowParallelLinear(LinearBase):
         assert reduce_results or not bias  # a bias on each rank's partial sum would be added tp times
         self.reduce_results = reduce_results
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor | Pending) -> torch.Tensor:
         y = self._linear(x, None)
         if self.tp_size > 1 and self.reduce_results:
             y = all_reduce(y)

@@ -2,7 +2,9 @@
 
 Pre-norm layers: RMSNorm -> GQA attention with NeoX RoPE -> residual add; RMSNorm -> SwiGLU MLP ->
 residual add. Fused (one Triton kernel each on CUDA, see layers/): each residual add with the
-RMSNorm that follows it; q/k norm, RoPE and the KV-cache store; SiLU with the gate-up product.
+RMSNorm that follows it; q/k norm, RoPE and the KV-cache store; SiLU with the gate-up product. At
+one row (decode at batch 1) the norms and SiLU go into the projections after them (PendingNorm,
+PendingSiluMul: the projection's one-row kernel computes its input), where that kernel is taken.
 The families differ only in what their config says, which each architecture's class reads into a
 `DecoderSpec`: the biases of the projections and the per-head RMSNorm of q and k. An MoE family
 puts its sparse block in place of the MLP of some layers (`make_mlp`). Tied embeddings come from
@@ -26,9 +28,9 @@ from transformers import PretrainedConfig
 
 from nanovllm.attention import Attention
 from nanovllm.attention.metadata import get_attention_metadata
-from nanovllm.layers.activation import SiluAndMul
+from nanovllm.layers.activation import PendingSiluMul, SiluAndMul
 from nanovllm.layers.embed_head import ParallelLMHead, VocabParallelEmbedding
-from nanovllm.layers.layernorm import RMSNorm
+from nanovllm.layers.layernorm import PendingNorm, RMSNorm
 from nanovllm.layers.linear import MergedColumnParallelLinear, QKVParallelLinear, RowParallelLinear
 from nanovllm.layers.qk_norm_rope import QKNorm, QKVHeads, qk_norm_rope_store
 from nanovllm.layers.quantization.config import Fp8Config
@@ -111,7 +113,7 @@ class DecoderAttention(nn.Module):
         else:
             self.q_norm = self.k_norm = None
 
-    def forward(self, positions: torch.Tensor, hidden_states: torch.Tensor) -> torch.Tensor:
+    def forward(self, positions: torch.Tensor, hidden_states: torch.Tensor | PendingNorm) -> torch.Tensor:
         qkv = self.qkv_proj(hidden_states)  # [num_tokens, (heads + 2 * kv_heads) * head_dim]
         norm = None
         if self.q_norm is not None:
@@ -138,8 +140,8 @@ class DecoderMLP(nn.Module):
                                            prefix=f"{prefix}.down_proj")
         self.act_fn = SiluAndMul()
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(self.act_fn(self.gate_up_proj(x)))
+    def forward(self, x: torch.Tensor | PendingNorm) -> torch.Tensor:
+        return self.down_proj(PendingSiluMul(self.act_fn, self.gate_up_proj(x)))
 
 
 class DecoderLayer(nn.Module):
@@ -153,14 +155,12 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
 
     def forward(self, positions: torch.Tensor, hidden_states: torch.Tensor, residual: torch.Tensor | None):
-        """Returns (this layer's MLP output, the residual stream before it); the caller adds them."""
-        if residual is None:
-            hidden_states, residual = self.input_layernorm(hidden_states), hidden_states
-        else:
-            hidden_states, residual = self.input_layernorm(hidden_states, residual)
-        hidden_states = self.self_attn(positions, hidden_states)
-        hidden_states, residual = self.post_attention_layernorm(hidden_states, residual)
-        return self.mlp(hidden_states), residual
+        """Returns (this layer's MLP output, the residual stream before it); the caller adds them. The norms
+        are left to the projections after them (PendingNorm: a one-row projection computes its norm itself)."""
+        x = PendingNorm(self.input_layernorm, hidden_states, residual)
+        hidden_states = self.self_attn(positions, x)
+        x = PendingNorm(self.post_attention_layernorm, hidden_states, x.residual)
+        return self.mlp(x if isinstance(self.mlp, DecoderMLP) else x.value()), x.residual
 
 
 class DecoderModel(nn.Module):
