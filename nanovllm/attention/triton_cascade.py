@@ -50,8 +50,9 @@ def prefix_tiles(cu_group_rows_ptr, num_groups, SEQS_PER_TILE: tl.constexpr, GRO
 
 @triton.jit
 def prefix_split_count(num_tiles, target_programs, max_splits, KV_HEADS: tl.constexpr):
-    """Splits of every group's prefix: enough programs for target_programs, at most max_splits."""
-    return tl.maximum(tl.minimum(tl.cdiv(target_programs, KV_HEADS * tl.maximum(num_tiles, 1)), max_splits), 1)
+    """Splits of every group's prefix: as many as fit in target_programs (rounded down: a split more costs its
+    partials' traffic and the suffix pass's fold), at least one, at most max_splits."""
+    return tl.maximum(tl.minimum(target_programs // (KV_HEADS * tl.maximum(num_tiles, 1)), max_splits), 1)
 
 
 # Everything that varies with the step is a runtime value (group count, splits, table width), read on the device
