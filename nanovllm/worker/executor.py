@@ -32,7 +32,7 @@ from multiprocessing.shared_memory import SharedMemory
 from nanovllm.config import Config
 from nanovllm.utils.parallel import SINGLE_RANK, connect_store, create_store, join_group, ranks_ready
 from nanovllm.worker.async_output import AsyncSampledTokens
-from nanovllm.worker.cascade import cascade_policy
+from nanovllm.worker.cascade import CascadePlanner, cascade_policy
 from nanovllm.worker.inputs import ScheduledSequence, StepInput, prepare_step, prompt_logprobs_targets
 from nanovllm.worker.model_runner import ModelRunner
 
@@ -91,7 +91,8 @@ class Executor:
 
     def __init__(self, config: Config):
         self.block_size = config.block_size
-        self.cascade = cascade_policy(config)  # None: decode steps never cascade
+        policy = cascade_policy(config)
+        self.cascade = CascadePlanner(policy) if policy is not None else None  # None: decode steps never cascade
         self.workers: list[BaseProcess] = []
         self.doorbells: list[Connection] = []
         self.shm: SharedMemory | None = None

@@ -26,7 +26,7 @@ import torch
 
 from nanovllm.attention import AttentionMetadata, CascadeMetadata
 from nanovllm.sample.metadata import scatter_prev_sampled
-from nanovllm.worker.cascade import CascadePlan, CascadePolicy, plan_cascade
+from nanovllm.worker.cascade import CascadePlan, CascadePlanner
 
 
 class ScheduledSequence(Protocol):
@@ -105,10 +105,10 @@ def _slots(seq: ScheduledSequence, start: int, end: int, block_size: int) -> lis
 
 
 def prepare_step(seqs: list[ScheduledSequence], is_prefill: bool, block_size: int,
-                 prev_sampled: Mapping[int, int] | None = None, cascade: CascadePolicy | None = None) -> StepInput:
+                 prev_sampled: Mapping[int, int] | None = None, cascade: CascadePlanner | None = None) -> StepInput:
     """`prev_sampled`: seq_id -> row of the previous step's sampled tokens, for every decode
     sequence whose input token is a placeholder (async scheduling; prefill steps have none).
-    `cascade`: the rule for shared-prefix decode steps (None: never)."""
+    `cascade`: what plans shared-prefix decode steps (None: never)."""
     if not is_prefill:
         step = StepInput(is_prefill=False, input_ids=[], positions=[], slot_mapping=[],
                          block_tables=[seq.block_table for seq in seqs], logits_indices=list(range(len(seqs))))
@@ -125,7 +125,7 @@ def prepare_step(seqs: list[ScheduledSequence], is_prefill: bool, block_size: in
             step.slot_mapping.append(seq.block_table[position // block_size] * block_size + position % block_size)
             step.context_lens.append(num_tokens)
         if cascade is not None:
-            step.cascade = plan_cascade(step.block_tables, step.context_lens, block_size, cascade)
+            step.cascade = cascade.plan(step.block_tables, step.context_lens, block_size)
         return step
     step = StepInput(is_prefill=True, input_ids=[], positions=[], slot_mapping=[], block_tables=None,
                      cu_seqlens_q=[0], cu_seqlens_k=[0])
