@@ -34,8 +34,8 @@ MAX_ROWS = 8  # the most rows skinny_linear takes (the layers use it at one row:
 # ROWS * BLOCK_N * BLOCK_K / (32 * num_warps) float32 registers per thread.
 CONFIGS = {1: (4, 1024, 4, False), 2: (8, 256, 4, False), 4: (4, 256, 4, False), 8: (4, 128, 4, False)}
 # one row, few output features (BLOCK_N 4 would give fewer than two programs per SM): a program per feature,
-# each prefetching its next tile (H200, scripts/bench_skinny.py: Qwen3-0.6B's o_proj 3.5 against 3.7 us,
-# down_proj 4.0 against 5.0)
+# each prefetching its next tile (H200, scripts/bench_skinny.py: Qwen3-0.6B's o_proj 3.5 against 4.0 us,
+# down_proj 4.0 against 5.0 with CONFIGS[1])
 CONFIG_FEW_OUTPUTS = (1, 1024, 4, True)
 NUM_STAGES = 3
 MIN_GAIN = 1.1  # prefer_skinny picks this kernel when it is at least this much faster
