@@ -17,9 +17,10 @@ DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
 
 def check(device: str, n: int = 200, ks=(256, 320), rows=tuple(range(1, MAX_ROWS + 1)), dtypes=("bfloat16",),
           configs=(), prologue_rows=(1, 3)):
-    """prologue_rows: the row counts the prologues are checked at, with the last of `ks` (empty: not at all)."""
+    """prologue_rows: the row counts the prologues are checked at, with the last of `ks` and of `configs` and the
+    default config (empty: not at all)."""
     if prologue_rows:
-        check_prologues(device, n, ks[-1:], prologue_rows, dtypes, configs)
+        check_prologues(device, n, ks[-1:], prologue_rows, dtypes, configs[-1:])
     g = torch.Generator().manual_seed(n)
     for name in dtypes:
         dtype = DTYPES[name]
