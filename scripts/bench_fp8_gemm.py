@@ -27,8 +27,9 @@ from nanovllm.layers.linear import MergedColumnParallelLinear, RowParallelLinear
 from nanovllm.layers.quantization.config import Fp8Config
 from nanovllm.layers.quantization.fp8 import apply, dequantize_weight_blockwise, quantize_weight_blockwise
 from nanovllm.layers.quantization.fp8_kernels import (Fp8GemmConfig, cublas_block_matmul, cublas_supported,
-                                                      fp8_block_matmul, gemm_config, num_sms,
+                                                      fp8_block_matmul, gemm_config,
                                                       per_token_group_quant_fp8)
+from nanovllm.utils.triton_utils import num_sms
 
 HBM_BYTES_PER_S = 4.3e12  # H200, achievable
 BF16_FLOPS = 790e12  # H200 dense

@@ -27,8 +27,8 @@ from nanovllm.attention.kv_store import FP8_DTYPE
 from nanovllm.attention.metadata import CascadeMetadata
 from nanovllm.attention.triton_decode import (DECODE_CONFIGS, FP8_DECODE_CONFIGS, MERGE_CHUNK, MIN_GROUP_ROWS,
                                               SPLIT_PROGRAMS_PER_SM, _decode_kernel, _merge_kernel, decode_splits)
-from nanovllm.attention.triton_tiles import (LOG2E, attend_tiles, check_attention_inputs, dot_precision, empty_state,
-                                             num_sms)
+from nanovllm.attention.triton_tiles import LOG2E, attend_tiles, check_attention_inputs, dot_precision, empty_state
+from nanovllm.utils.triton_utils import num_sms
 
 # Prefix pass tunables per head_dim: BLOCK_M (query rows per program), BLOCK_N (keys per tile), num_warps,
 # num_stages (scripts/bench_cascade.py times them).

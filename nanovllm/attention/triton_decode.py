@@ -16,7 +16,8 @@ import triton.language as tl
 
 from nanovllm.attention.kv_store import FP8_DTYPE
 from nanovllm.attention.triton_tiles import (LOG2E, attend_tiles, cache_rows, check_attention_inputs, dot_precision,
-                                             empty_state, fold_partials, merge_splits, num_sms)
+                                             empty_state, fold_partials, merge_splits)
+from nanovllm.utils.triton_utils import num_sms
 
 # Tunables (scripts/bench_attention.py sweeps them). Per head_dim: BLOCK_N (keys per tile), num_warps,
 # num_stages (tiles in flight: software pipelining of the K/V loads).

@@ -5,8 +5,6 @@ split partial results (a normalized output and a base-2 log-sum-exp per row) int
 Online-softmax state, in base 2 and float32: m, the running max of the scaled logits; l, the sum of
 exp2(logit - m); acc, the sum of exp2(logit - m) * v. A partial result (out, lse) is the state (lse, 1, out).
 """
-import functools
-
 import torch
 import triton
 import triton.language as tl
@@ -137,10 +135,3 @@ def fold_partials(part_out_ptr, part_lse_ptr, part, row_ok, count, m, l, acc, HE
         acc = acc * alpha[:, None] + out * w[:, None]
         m = m_new
     return m, l, acc
-
-
-@functools.lru_cache(maxsize=None)
-def num_sms(device: torch.device) -> int:
-    if device.type == "cuda":
-        return torch.cuda.get_device_properties(device).multi_processor_count
-    return 4  # the interpreter: a few splits, so that the merge runs

@@ -72,7 +72,7 @@ class LinearBase(nn.Module):
         """x @ W^T (+ bias); x may be a norm or activation still to compute (Pending): the one-row kernel
         computes it in its prologue where that kernel is taken."""
         scale = self.weight_scale_inv if self.weight.dtype == fp8.FP8_DTYPE else None
-        pending = isinstance(x, (PendingNorm, PendingSiluMul))
+        pending = isinstance(x, Pending)
         rows = x.rows if pending else x
         if prefer_skinny(rows, self.weight, scale, lambda: self._default(rows, bias, scale), prologue=pending):
             if pending:  # one row (decode at batch 1)

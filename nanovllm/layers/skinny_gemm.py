@@ -22,12 +22,11 @@ this). One H200, one row, bf16: Qwen3-0.6B's o_proj 3.5 us against cuBLAS's 12.9
 7.6, qkv and gate_up within 10% of cuBLAS; Qwen3-8B's o_proj 11.5 against 14.0, the others within 10%.
 With FP8 weights it beats the FP8 GEMM on 0.6B's shapes, not on 8B's gate_up and down.
 """
-import functools
 from typing import Callable, NamedTuple
 
 import torch
 
-from nanovllm.utils.triton_utils import tl, triton
+from nanovllm.utils.triton_utils import num_sms, tl, triton
 
 MAX_ROWS = 8  # the most rows skinny_linear takes (the layers use it at one row: prefer_skinny)
 # (BLOCK_N, BLOCK_K, num_warps, prefetch) per padded row count: the partial products take
@@ -175,11 +174,6 @@ def prefer_skinny(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Ten
     return ratio <= (MAX_LOSS_WITH_PROLOGUE if prologue else 1 / MIN_GAIN)
 
 
-@functools.lru_cache(maxsize=None)
-def _num_sms(device: torch.device) -> int:
-    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
-
-
 def _time_ms(fn: Callable[[], torch.Tensor], calls: int = 20) -> float:
     """GPU time of one call of fn, from a CUDA graph of `calls` calls (eager launches would time the host)."""
     fn()  # compiles, and warms up
@@ -228,7 +222,7 @@ def skinny_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     if m:
         rows = triton.next_power_of_2(m)
         if config is None:
-            few = rows == 1 and triton.cdiv(n, CONFIGS[1][0]) < 2 * _num_sms(x.device)
+            few = rows == 1 and triton.cdiv(n, CONFIGS[1][0]) < 2 * num_sms(x.device)
             config = CONFIG_FEW_OUTPUTS if few else CONFIGS[rows]
         block_n, block_k, num_warps, prefetch = config
         assert not fp8 or (scale_block % block_n == 0 and block_k % scale_block == 0)

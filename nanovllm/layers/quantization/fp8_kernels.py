@@ -20,6 +20,8 @@ import torch
 import triton
 import triton.language as tl
 
+from nanovllm.utils.triton_utils import num_sms
+
 logger = logging.getLogger(__name__)
 
 FP8_DTYPE = torch.float8_e4m3fn
@@ -27,7 +29,6 @@ FP8_MAX = torch.finfo(FP8_DTYPE).max  # 448
 GROUP_SIZE = 128  # activation group = weight block along K: one scale pair per K block
 AMAX_FLOOR = 1e-10  # an all-zero group gets a tiny scale instead of a division by zero
 QUANT_GROUPS_PER_PROGRAM = 8  # 1,024 columns: 16-byte loads for every thread of 4 warps
-NUM_SMS_OFF_GPU = 4  # what the tile heuristic assumes under Triton's interpreter
 
 
 @triton.jit
@@ -80,13 +81,6 @@ class Fp8GemmConfig:
     num_warps: int = 4
     num_stages: int = 3
     group_m: int = 8  # output tiles are visited GROUP_M rows of tiles at a time (L2 reuse of W)
-
-
-@functools.lru_cache(maxsize=None)
-def num_sms(device: torch.device) -> int:
-    if device.type != "cuda":
-        return NUM_SMS_OFF_GPU
-    return torch.cuda.get_device_properties(device).multi_processor_count
 
 
 def gemm_config(M: int, N: int, K: int, sm_count: int) -> Fp8GemmConfig:
