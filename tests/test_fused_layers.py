@@ -8,6 +8,8 @@ the three layer files set to None), per attention backend and KV-cache dtype: pr
 within bf16 rounding, greedy tokens equal up to near-ties (test_gpu's yardstick). One sequence (one-row
 decode steps, where the norms and SiLU run inside the next projection's kernel, layers/skinny_gemm.py)
 against the same engine without the one-row kernel: every step's logprobs within a few bf16 roundings.
+With programmatic dependent launch (utils/triton_utils.py) and without it: the same tokens and logprobs, bit
+for bit (the same kernels; a missing wait would read a buffer the kernel before is still writing).
 """
 import pytest
 import torch
@@ -139,3 +141,36 @@ def test_one_row_prologues_close_to_unfused(qwen3_gpu, hf_fp32, monkeypatch):  #
         # residual or activation moves them by their own size
         assert (a - b).norm() / b.norm() < 0.1, f"step {step}: logprobs differ: {a} vs {b}"
     assert_greedy_close(hf_fp32, prompt, [fused_tokens], [plain_tokens])
+
+
+@pytest.mark.gpu
+@gpu
+def test_programmatic_dependent_launch_changes_no_result(qwen3_gpu, monkeypatch):  # noqa: F811
+    from test_gpu import prompts
+    from nanovllm import LLM, SamplingParams
+    from nanovllm.utils import triton_utils
+    if not triton_utils.use_pdl(torch.device("cuda")):
+        pytest.skip("programmatic dependent launch needs sm_90 or later")
+    params = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True, logprobs=5)
+
+    def run(pdl: str, eager: bool) -> list:
+        monkeypatch.setenv("NANOVLLM_PDL", pdl)
+        triton_utils.use_pdl.cache_clear()
+        monkeypatch.setattr(skinny_gemm, "_ratios", {})
+        llm = LLM(qwen3_gpu, max_model_len=1024, attention_backend="triton", enforce_eager=eager)
+        try:  # one row: the whole layer in PDL kernels; four: cuBLAS's products between them
+            outputs = [o.outputs[0] for batch in (prompts()[:1], prompts())
+                       for o in llm.generate(batch, params, use_tqdm=False)]
+        finally:
+            llm.shutdown()
+        return [(o.token_ids, [{t: p.logprob for t, p in step.items()} for step in o.logprobs]) for o in outputs]
+
+    try:
+        # the one-row kernel for every one-row linear, whatever the timing says
+        monkeypatch.setattr(skinny_gemm, "MIN_GAIN", 1e-9)
+        monkeypatch.setattr(skinny_gemm, "MAX_LOSS_WITH_PROLOGUE", float("inf"))
+        for eager in (False, True):
+            assert run("1", eager) == run("0", eager), f"enforce_eager={eager}: the same kernels gave other bits"
+    finally:
+        monkeypatch.undo()
+        triton_utils.use_pdl.cache_clear()

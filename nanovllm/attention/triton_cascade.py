@@ -159,7 +159,8 @@ def cascade_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor
         head_dim, block_size, block_m, block_n, fp8, fp16_dot, precision, num_warps=num_warps, num_stages=num_stages)
 
     # suffix pass: the paged decode kernel over each row's keys after its prefix, its first split starting from
-    # the row's prefix partials; then the plain decode's merge of the splits, if there are several
+    # the row's prefix partials; then the plain decode's merge of the splits, if there are several (both without
+    # programmatic dependent launch, which the decode kernel takes at one sequence only)
     block_n, num_warps, num_stages = (FP8_DECODE_CONFIGS if fp8 else DECODE_CONFIGS)[head_dim]
     tables, lens = cascade.suffix_block_tables, cascade.suffix_lens
     assert tables.stride(1) == 1 and tables.shape[0] == num_seqs == lens.shape[0]
@@ -179,8 +180,9 @@ def cascade_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor
         q, q.stride(0), q.stride(1), k_cache, v_cache, *scales, tables, tables.stride(0), lens, out, suffix_out,
         suffix_lse, scale * LOG2E, tiles_per_split * block_n, prefix_out, prefix_lse, max_splits, prefix_count,
         cascade.seq_prefix_lens, num_kv_heads, group, max(MIN_GROUP_ROWS, triton.next_power_of_2(group)), head_dim,
-        block_size, block_n, suffix_splits > 1, True, fp8, fp16_dot, precision, num_warps=num_warps,
+        block_size, block_n, suffix_splits > 1, True, fp8, fp16_dot, precision, False, num_warps=num_warps,
         num_stages=num_stages)
     if suffix_splits > 1:
-        _merge_kernel[(num_seqs * num_heads,)](suffix_out, suffix_lse, out, suffix_splits, MERGE_CHUNK, head_dim)
+        _merge_kernel[(num_seqs * num_heads,)](suffix_out, suffix_lse, out, suffix_splits, MERGE_CHUNK, head_dim,
+                                               False)
     return out

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from nanovllm.layers.skinny_gemm import Prologue
-from nanovllm.utils.triton_utils import tl, triton
+from nanovllm.utils.triton_utils import tl, triton, use_pdl
 
 SILU_BLOCK = 1024  # columns of the output per Triton program
 
@@ -22,7 +22,10 @@ def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
 
 if triton is not None:
     @triton.jit
-    def _silu_and_mul_kernel(x_ptr, x_stride, out_ptr, d, BLOCK: tl.constexpr):
+    def _silu_and_mul_kernel(x_ptr, x_stride, out_ptr, d, BLOCK: tl.constexpr, PDL: tl.constexpr):
+        if PDL:  # (nanovllm/utils/triton_utils.py) x is the kernel before's output
+            tl.extra.cuda.gdc_launch_dependents()
+            tl.extra.cuda.gdc_wait()
         row = tl.program_id(0).to(tl.int64)
         cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
         mask = cols < d
@@ -39,8 +42,9 @@ def silu_and_mul_triton(x: torch.Tensor) -> torch.Tensor:
     d = width // 2
     out = torch.empty((num_tokens, d), dtype=x.dtype, device=x.device)
     if num_tokens:
-        _silu_and_mul_kernel[(num_tokens, triton.cdiv(d, SILU_BLOCK))](x, x.stride(0), out, d, SILU_BLOCK,
-                                                                      num_warps=4)
+        pdl = use_pdl(x.device)
+        _silu_and_mul_kernel[(num_tokens, triton.cdiv(d, SILU_BLOCK))](x, x.stride(0), out, d, SILU_BLOCK, pdl,
+                                                                      num_warps=4, launch_pdl=pdl)
     return out
 
 

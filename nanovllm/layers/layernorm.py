@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from nanovllm.layers.skinny_gemm import Prologue
-from nanovllm.utils.triton_utils import tl, triton
+from nanovllm.utils.triton_utils import tl, triton, use_pdl
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -28,7 +28,10 @@ def add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, 
 if triton is not None:
     @triton.jit
     def _rms_norm_kernel(x_ptr, x_stride, residual_ptr, residual_stride, out_ptr, residual_out_ptr, weight_ptr,
-                         eps, N: tl.constexpr, BLOCK: tl.constexpr, HAS_RESIDUAL: tl.constexpr):
+                         eps, N: tl.constexpr, BLOCK: tl.constexpr, HAS_RESIDUAL: tl.constexpr, PDL: tl.constexpr):
+        if PDL:  # (nanovllm/utils/triton_utils.py) x is the kernel before's output
+            tl.extra.cuda.gdc_launch_dependents()
+            tl.extra.cuda.gdc_wait()
         row = tl.program_id(0).to(tl.int64)
         cols = tl.arange(0, BLOCK)
         mask = cols < N
@@ -60,8 +63,10 @@ def rms_norm_triton(x: torch.Tensor, weight: torch.Tensor, eps: float,
     block = triton.next_power_of_2(hidden)
     # the residual pointers are unused without a residual: pass x's in their place
     res_in, res_out = (residual, residual_out) if residual is not None else (x, out)
+    pdl = use_pdl(x.device)
     _rms_norm_kernel[(num_tokens,)](x, x.stride(0), res_in, res_in.stride(0), out, res_out, weight, eps, hidden,
-                                    block, residual is not None, num_warps=min(max(block // 256, 1), 8))
+                                    block, residual is not None, pdl, num_warps=min(max(block // 256, 1), 8),
+                                    launch_pdl=pdl)
     return out, residual_out
 
 

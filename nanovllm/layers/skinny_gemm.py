@@ -26,7 +26,7 @@ from typing import Callable, NamedTuple
 
 import torch
 
-from nanovllm.utils.triton_utils import num_sms, tl, triton
+from nanovllm.utils.triton_utils import num_sms, tl, triton, use_pdl
 
 MAX_ROWS = 8  # the most rows skinny_linear takes (the layers use it at one row: prefer_skinny)
 # (BLOCK_N, BLOCK_K, num_warps, prefetch) per padded row count: the partial products take
@@ -119,14 +119,18 @@ if triton is not None:
                        ROWS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr,
                        PREFETCH: tl.constexpr, FP8: tl.constexpr, SCALE_BLOCK: tl.constexpr,
                        HAS_BIAS: tl.constexpr, NORM: tl.constexpr, RESIDUAL: tl.constexpr,
-                       SILU_MUL: tl.constexpr):
+                       SILU_MUL: tl.constexpr, PDL: tl.constexpr):
+        if PDL:
+            tl.extra.cuda.gdc_launch_dependents()
         GROUP: tl.constexpr = SCALE_BLOCK if FP8 else BLOCK_K
         n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
         r = tl.arange(0, ROWS)
         n_ok = n < N
         w_rows = w_ptr + n.to(tl.int64)[:, None, None] * w_stride
         s_row = s_ptr + (tl.program_id(0) * BLOCK_N // SCALE_BLOCK) * s_stride  # FP8 only
-        w = _weights(w_rows, 0, n_ok, K, BLOCK_K, GROUP, EVEN_K)  # in flight while the norm's pass runs
+        w = _weights(w_rows, 0, n_ok, K, BLOCK_K, GROUP, EVEN_K)  # in flight while the norm's pass runs ...
+        if PDL:  # ... and while the kernel before finishes (x is its output)
+            tl.extra.cuda.gdc_wait()
         inv_rms = tl.zeros([ROWS], tl.float32)
         if NORM:  # every program reads the whole rows for their norms
             inv_rms = _inv_rms(x_ptr, x_stride, res_ptr, res_stride, sum_ptr, r, M, K, eps, BLOCK_K, RESIDUAL)
@@ -228,10 +232,11 @@ def skinny_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
         assert not fp8 or (scale_block % block_n == 0 and block_k % scale_block == 0)
         scales = weight_scale if fp8 else weight  # unused pointers are passed as some tensor of the call
         res_in = prologue.residual if residual else x2
+        pdl = use_pdl(x.device)
         _skinny_kernel[(triton.cdiv(n, block_n),)](
             x2, x2.stride(0), weight, weight.stride(0), scales, scales.stride(0), bias if bias is not None else y,
             y, y.stride(0), m, n, k, res_in, res_in.stride(0), prologue.norm_weight if norm else x2,
             prologue.residual_out if residual else y, prologue.eps, rows, block_n, block_k, k % block_k == 0, prefetch,
-            fp8, scale_block, bias is not None, norm, residual, prologue.silu_mul,
-            num_warps=num_warps, num_stages=NUM_STAGES)
+            fp8, scale_block, bias is not None, norm, residual, prologue.silu_mul, pdl,
+            num_warps=num_warps, num_stages=NUM_STAGES, launch_pdl=pdl)
     return y.view(*x.shape[:-1], n)

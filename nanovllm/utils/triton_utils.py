@@ -1,6 +1,17 @@
 """Triton, where installed (CPU-only installs may lack it: the torch paths cover them), and the
-grid helpers the kernels share."""
+grid helpers the kernels share.
+
+Programmatic dependent launch (PDL, sm_90+): a kernel launched with it may start while the kernel
+before it in the stream is still running, once every program of that one has started (or called
+gdc_launch_dependents). The kernels that use it (a PDL constexpr) call gdc_launch_dependents first
+thing, load what no kernel writes (weights, the step's host-copied inputs) and then gdc_wait, which
+returns when the kernel before has finished and its writes are visible; everything a kernel reads
+from an earlier one, and every store, comes after it. In a decode step at batch 1 (a few microseconds
+per kernel) this overlaps each kernel's launch and first weight loads with the end of the one before.
+NANOVLLM_PDL=0 turns it off.
+"""
 import functools
+import os
 
 import torch
 
@@ -20,6 +31,15 @@ def num_sms(device: torch.device) -> int:
     if device.type != "cuda":
         return NUM_SMS_OFF_GPU
     return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+@functools.lru_cache(maxsize=None)
+def use_pdl(device: torch.device) -> bool:
+    """Whether kernels on `device` launch with programmatic dependent launch (see above): CUDA devices of
+    compute capability 9.0 or later, unless NANOVLLM_PDL=0."""
+    if device.type != "cuda" or triton is None or os.environ.get("NANOVLLM_PDL", "1") == "0":
+        return False
+    return torch.cuda.get_device_capability(device)[0] >= 9
 
 
 def slices_of(num_rows: int, row_len: int, step: int, target_programs: int) -> tuple[int, int]:

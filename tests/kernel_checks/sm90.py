@@ -62,6 +62,8 @@ def _signature(fn, args: dict) -> tuple[dict, dict, dict]:
         if param.is_constexpr:
             signature[name] = "constexpr"
             constexprs[(i,)] = next(iter(spec.values())) if spec else param.default
+            if name == "PDL":  # off under the interpreter, on where sm_90 launches it (utils/triton_utils.use_pdl)
+                constexprs[(i,)] = True
         elif spec is None or "value" in spec and spec["value"] is None:
             signature[name] = "constexpr"
             constexprs[(i,)] = None
@@ -92,8 +94,9 @@ def compile_recorded(path: str, arch: int = 90) -> tuple[int, list[str]]:
         fn = getattr(importlib.import_module(launch["module"]), launch["name"])
         signature, constexprs, attrs = _signature(fn, launch["args"])
         try:
+            pdl = {"launch_pdl": True} if "PDL" in signature else {}
             triton.compile(ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs),
-                           target=GPUTarget("cuda", arch, 32), options=launch["options"])
+                           target=GPUTarget("cuda", arch, 32), options=launch["options"] | pdl)
         except Exception as e:  # noqa: BLE001 - reported with the launch that failed
             failures.append(f"{launch['module']}.{launch['name']} {launch['options']} "
                             f"{ {k: v for k, v in launch['args'].items() if 'ptr' not in v} }: "
