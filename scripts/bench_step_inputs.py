@@ -1,7 +1,8 @@
 """Host time of one decode step's inputs, no GPU needed: `prepare_step` (the lists every rank
-receives) and the CUDA-graph staging fill of the block tables (worker/cuda_graph.py), for a batch
-like bench.py's (contexts of 200-2000 tokens), at a given block size. Host work that is not hidden
-behind the GPU adds to every step (issue: GPU-resident, incrementally updated step inputs).
+receives) and the CUDA-graph staging fill of the block tables (worker/cuda_graph.py `TableRows`), for
+a batch like bench.py's (contexts of 200-2000 tokens), at a given block size: every row written (a
+staging buffer's first step, or a new batch), and a steady decode step (each row gains a block every
+block_size steps; the buffer holds the rest). Host work that is not hidden behind the GPU adds to every step.
 
     python scripts/bench_step_inputs.py [--num-seqs 256] [--block-size 16] [--max-model-len 4096]
 """
@@ -13,6 +14,7 @@ import numpy as np
 
 from nanovllm.engine.sequence import Sequence
 from nanovllm.sampling_params import SamplingParams
+from nanovllm.worker.cuda_graph import TableRows
 from nanovllm.worker.inputs import prepare_step
 
 
@@ -47,12 +49,18 @@ def main():
     tables = np.zeros((args.num_seqs, width), dtype=np.int32)  # the staging buffer's table rows
     step = prepare_step(seqs, False, args.block_size)
 
-    def fill():
-        for row, table in enumerate(step.block_tables):
-            tables[row, :len(table)] = table
+    steady = TableRows(args.num_seqs)
+    steady.fill(tables, step.block_tables)
+    growing = [seq.block_table for seq in seqs][::args.block_size]  # the rows that gain a block this step
+
+    def steady_step():
+        for table in growing:
+            table.append(table[-1] + 1)
+        steady.fill(tables, step.block_tables)
     print(f"{args.num_seqs} sequences, block {args.block_size}: prepare_step "
-          f"{ms_per_call(lambda: prepare_step(seqs, False, args.block_size)):.3f} ms, "
-          f"block-table staging {ms_per_call(fill):.3f} ms per decode step")
+          f"{ms_per_call(lambda: prepare_step(seqs, False, args.block_size)):.3f} ms; block-table staging "
+          f"{ms_per_call(lambda: TableRows(args.num_seqs).fill(tables, step.block_tables)):.3f} ms with every row "
+          f"written, {ms_per_call(steady_step):.3f} ms in a steady decode step")
 
 
 if __name__ == "__main__":

@@ -1,10 +1,16 @@
 """Step inputs (worker/inputs.py) built from scheduled sequences, exactly: slot mapping across
 blocks, cu_seqlens of a prefill with a cached prefix and a chunked prompt, decode rows. What
-travels to the worker processes is plain lists: no sequence, no sampling state."""
+travels to the worker processes is plain lists: no sequence, no sampling state. The CUDA graphs'
+staging of block-table rows (worker/cuda_graph.TableRows) writes only what changed and stages what
+a full write would."""
 import pickle
+import random
+
+import numpy as np
 
 from nanovllm.engine.sequence import Sequence
 from nanovllm.sampling_params import SamplingParams
+from nanovllm.worker.cuda_graph import TableRows
 from nanovllm.worker.inputs import prepare_step
 
 
@@ -53,3 +59,24 @@ def test_uploaded_lists_keep_their_values_and_start_16_byte_aligned():
     slices = upload_ints(torch.device("cpu"), *arrays)
     assert [t.tolist() for t in slices] == arrays
     assert all(t.dtype == torch.int64 and t.data_ptr() % 16 == 0 for t in slices)
+
+
+def test_table_rows_stage_what_a_full_write_stages():
+    rng = random.Random(0)
+    live = [[rng.randrange(100) for _ in range(rng.randint(1, 5))] for _ in range(8)]
+    staged, rows = np.full((8, 16), -1, dtype=np.int32), TableRows(8)
+    for step in range(80):
+        for i, table in enumerate(live):  # the block manager's changes: appends, and new lists
+            if rng.random() < 0.3 and len(table) < 16:
+                table.append(rng.randrange(100))
+            elif rng.random() < 0.1:
+                live[i] = [rng.randrange(100) for _ in range(rng.randint(1, 5))]
+        batch = rng.sample(live, rng.randint(1, 8))  # finished rows leave, the others move up
+        starts = [rng.randint(0, len(t) - 1) if rng.random() < 0.2 else 0 for t in batch] if step % 3 else None
+        rows.fill(staged, batch, starts)
+        for row, table in enumerate(batch):
+            start = starts[row] if starts else 0
+            assert staged[row, :len(table) - start].tolist() == table[start:], f"step {step}, row {row}"
+        staged.flags.writeable = False  # the same step again: nothing to write (a write would raise)
+        rows.fill(staged, batch, starts)
+        staged.flags.writeable = True

@@ -6,7 +6,9 @@ of two device buffers (int64: input ids, positions, then the placeholder rows an
 which the graphs do not read; int32: slot mapping, context lengths, block tables), filled each
 step by one copy apiece from pinned host staging buffers of the same layout. There are two sets
 of staging buffers, used in turn (async scheduling: the host fills step N+1's while step N's
-copy may still wait in the stream); an event per set says when its last copy has run.
+copy may still wait in the stream); an event per set says when its last copy has run. Each set
+remembers what its block-table rows hold (`TableRows`), so a step writes only the entries that changed
+since the set's last step: in steady decoding a row gains a block every block_size steps.
 Placeholder input ids (async scheduling) are scattered in from the previous step's samples on
 the device, after the copy and before the replay. All graphs share one memory pool and one
 output buffer.
@@ -27,6 +29,29 @@ from nanovllm.sample.metadata import scatter_prev_sampled
 from nanovllm.worker.inputs import StepInput, cascade_prefix_blocks
 
 logger = logging.getLogger(__name__)
+
+
+class TableRows:
+    """What the block-table rows of one staging buffer hold: per row, the sequence's block table (its own list,
+    which the block manager only appends to, or replaces by a new one), from which entry on it is staged (a
+    cascade step stages each row's table after its shared prefix) and up to which entry."""
+
+    def __init__(self, num_rows: int):
+        self.rows: list[tuple[list[int] | None, int, int]] = [(None, 0, 0)] * num_rows
+
+    def fill(self, tables, block_tables: list[list[int]], starts: list[int] | None = None):
+        """Make row i of `tables` (a [rows, width] array) start with block_tables[i][starts[i]:] (starts: 0s
+        when None), writing only the entries it does not already hold."""
+        rows = self.rows
+        for row, table in enumerate(block_tables):
+            start = starts[row] if starts is not None else 0
+            staged, staged_start, staged_end = rows[row]
+            end = len(table)
+            if staged is not table or staged_start != start or staged_end > end:  # another table, or another start
+                tables[row, :end - start] = table[start:] if start else table
+            elif staged_end < end:  # the same table, grown
+                tables[row, staged_end - start:end - start] = table[staged_end:end]
+            rows[row] = (table, start, end)
 
 
 class GraphInputs:
@@ -59,8 +84,11 @@ class GraphInputs:
             cu_group_rows[:groups + 1], seq_prefix_lens[:bs], tables.view(self.max_bs, width)[:bs],
             suffix_lens[:bs], num_groups=groups, max_prefix_len=width * self.block_size))
 
-    def stage32(self, step: StepInput, host32, graph_bs: int):
-        """Fill the int32 buffer (a host array of the layout) with `step`'s inputs for the `graph_bs` graph."""
+    def stage32(self, step: StepInput, host32, graph_bs: int, table_rows: TableRows | None = None):
+        """Fill the int32 buffer (a host array of the layout) with `step`'s inputs for the `graph_bs` graph.
+        `table_rows`: what the buffer's table rows hold from its last step (None: nothing known, all written)."""
+        if table_rows is None:
+            table_rows = TableRows(self.max_bs)
         bs, max_bs, width = step.num_tokens, self.max_bs, self.width
         host32[:graph_bs] = PAD_SLOT_ID  # padded rows store nothing ...
         host32[:bs] = step.slot_mapping
@@ -68,16 +96,14 @@ class GraphInputs:
         host32[max_bs:max_bs + bs] = step.context_lens
         tables = host32[2 * max_bs:2 * max_bs + max_bs * width].reshape(max_bs, width)
         if step.cascade is None:
-            for row, table in enumerate(step.block_tables):
-                tables[row, :len(table)] = table
+            table_rows.fill(tables, step.block_tables)
             return
         # suffix tables and lengths in the plain ones' places, then the groups; groups past the last are empty
         plan = step.cascade
         seq_prefix_lens, group_rows, prefix_lens, cu_group_rows, prefix_tables = (
             host32[start:] for start in self.starts32[3:])
         prefix_blocks = cascade_prefix_blocks(plan, bs)
-        for row, (table, k) in enumerate(zip(step.block_tables, prefix_blocks)):
-            tables[row, :len(table) - k] = table[k:]
+        table_rows.fill(tables, step.block_tables, prefix_blocks)
         seq_prefix_lens[:graph_bs] = 0
         seq_prefix_lens[:bs] = prefix_blocks
         seq_prefix_lens[:bs] *= plan.block_size
@@ -106,6 +132,7 @@ class CUDAGraphRunner:
         self.staging = [(torch.zeros(4 * max_bs, dtype=torch.int64).pin_memory(),
                          torch.zeros(sum(layout.parts32), dtype=torch.int32).pin_memory()) for _ in range(2)]
         self.copied = [torch.cuda.Event() for _ in self.staging]  # each set's last copy has run
+        self.table_rows = [TableRows(max_bs) for _ in self.staging]  # what each set's table rows hold
         self.turn = 0
         self.dev64, self.dev32 = (host.to(device) for host in self.staging[0])
         self.input_ids, self.positions, self.prev_rows, self.prev_indices = self.dev64.split(max_bs)
@@ -158,7 +185,7 @@ class CUDAGraphRunner:
         num_prev = len(step.prev_sampled_rows)
         host64[2 * max_bs:2 * max_bs + num_prev] = step.prev_sampled_rows
         host64[3 * max_bs:3 * max_bs + num_prev] = step.prev_sampled_indices
-        self.layout.stage32(step, host32, graph_bs)
+        self.layout.stage32(step, host32, graph_bs, self.table_rows[self.turn])
         graph = self.graphs[graph_bs] if step.cascade is None else self.cascade_graphs[graph_bs]
         self.dev64.copy_(pinned64, non_blocking=True)
         self.dev32.copy_(pinned32, non_blocking=True)
