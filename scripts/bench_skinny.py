@@ -1,13 +1,13 @@
-"""The skinny linear (layers/skinny_gemm.py) against the layers' usual kernels at one to sixteen rows, on the GPU.
+"""The skinny linear (layers/skinny_gemm.py) against the layers' usual kernels at one to eight rows, on the GPU.
 
     python scripts/bench_skinny.py                   # Qwen3-0.6B's and Qwen3-8B's linears, bf16 and FP8
-    python scripts/bench_skinny.py --sweep           # also every tile config of the sweep, the best three printed
+    python scripts/bench_skinny.py --sweep           # also every tile config in SWEEP, the best three printed
     python scripts/bench_skinny.py --rows 1 8 --models 8B --dtypes fp8
 
 Per (model, linear, weight dtype, rows): microseconds per call and GB/s of weight bytes for the usual
 path (bf16: torch's F.linear, cuBLAS; FP8: the FP8 linear, `fp8.apply`, activation quantization
 included) and the skinny linear with the config it picks itself (with --sweep also the best three of
-the sweep's (SWEEP at one row, ROW_SWEEP at more), "best" printing the fastest); times are medians of CUDA-graph
+SWEEP's, "best" printing the fastest of them); times are medians of CUDA-graph
 replays of calls that each read a different copy of the weight (graph_time in bench_fp8_gemm.py), so
 the weight comes from HBM and launch overhead is out, as in a decode step's graph.
 """
@@ -25,20 +25,17 @@ SHAPES = {  # (N, K) per linear
     "0.6B": {"qkv": (4096, 1024), "o": (1024, 2048), "gate_up": (6144, 1024), "down": (1024, 3072)},
     "8B": {"qkv": (6144, 4096), "o": (4096, 4096), "gate_up": (24576, 4096), "down": (4096, 12288)},
 }
-# (BLOCK_N, BLOCK_K, num_warps, prefetch). One row (CUDA cores): a config is tried when its partial products
-# take at most 64 float32 registers per thread. Several rows (tensor cores): ROW_SWEEP.
+# (BLOCK_N, BLOCK_K, num_warps, prefetch); a config is tried at a row count when its partial products
+# take at most 64 float32 registers per thread
 TILES = [(1, 1024, 4), (1, 2048, 4), (2, 512, 4), (2, 1024, 4), (2, 2048, 8), (4, 256, 4), (4, 512, 4),
          (4, 1024, 4), (4, 1024, 8), (8, 128, 4), (8, 256, 4), (8, 512, 4), (8, 1024, 8), (16, 256, 4),
          (16, 512, 8), (1, 512, 4), (1, 256, 4), (2, 256, 4), (4, 128, 4), (2, 128, 4), (1, 128, 4)]
 SWEEP = [(*tile, prefetch) for tile in TILES for prefetch in (False, True)]
-ROW_SWEEP = [(block_n, block_k, num_warps, False) for block_n in (16, 32, 64) for block_k in (128, 256, 512)
-             for num_warps in (4, 8)]
 
 
-def sweep_configs(rows: int) -> list:
-    if rows > 1:
-        return ROW_SWEEP
-    return [c for c in SWEEP if c[0] * c[1] <= 64 * 32 * c[2]]
+def fits(config, rows: int) -> bool:
+    block_n, block_k, num_warps, _ = config
+    return rows * block_n * block_k <= 64 * 32 * num_warps
 
 
 def bench(model: str, name: str, N: int, K: int, fp8: bool, rows: int, sweep: bool, compile_only: bool = False):
@@ -57,9 +54,9 @@ def bench(model: str, name: str, N: int, K: int, fp8: bool, rows: int, sweep: bo
         return apply(x, w, s, None) if fp8 else torch.nn.functional.linear(x, w)
 
     want = usual(*weights[0]).float()
-    configs = [None]  # skinny_linear's own choice (CONFIG_ONE_ROW, CONFIG_FEW_OUTPUTS or CONFIG_ROWS)
+    configs = [None]  # skinny_linear's own choice (CONFIGS, or CONFIG_FEW_OUTPUTS at one row with few outputs)
     if sweep:
-        configs += [c for c in sweep_configs(rows) if not fp8 or (128 % c[0] == 0 and c[1] % 128 == 0)]
+        configs += [c for c in SWEEP if fits(c, rows) and (not fp8 or (128 % c[0] == 0 and c[1] % 128 == 0))]
     if compile_only:
         for config in configs:
             skinny_linear(x, weights[0][0], None, weights[0][1], config=config)
@@ -87,7 +84,7 @@ def bench(model: str, name: str, N: int, K: int, fp8: bool, rows: int, sweep: bo
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sweep", action="store_true")
-    parser.add_argument("--rows", type=int, nargs="+", default=[1, 2, 4, 8, 16])
+    parser.add_argument("--rows", type=int, nargs="+", default=[1, 2, 4, 8])
     parser.add_argument("--models", nargs="+", default=list(SHAPES), choices=list(SHAPES))
     parser.add_argument("--dtypes", nargs="+", default=["bf16", "fp8"], choices=["bf16", "fp8"])
     parser.add_argument("--jobs", type=int, default=8, help="processes compiling the kernels first (into Triton's "

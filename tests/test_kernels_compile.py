@@ -31,8 +31,7 @@ CHECKS = [
     ("qk_norm_rope", dict(head_dim=128)),
     ("fused_moe", dict(num_tokens=3, num_experts=8, top_k=2, hidden=32, intermediate=32)),
     ("fp8_gemm", dict(M=5, N=192, K=320)),
-    ("skinny_gemm", dict(n=64, ks=[320], rows=[1, 5], configs=[(2, 128, 4, True)],
-                         row_configs=[(16, 128, 4, False)])),  # + prologues, prefetch, tensor cores
+    ("skinny_gemm", dict(n=64, ks=[320], rows=[1, 5], configs=[(2, 128, 4, True)])),  # + prologues, prefetch
     ("thresholds", dict(vocab=300, block=16, lanes=64, lane_block=16)),
     ("penalties", dict(vocab=300)),
     ("race", dict(block=16, vocab=100, num_draws=60)),

@@ -1,8 +1,7 @@
-"""prefer_skinny's choice between the few-row Triton linear and the layer's usual kernel (layers/skinny_gemm.py),
-with the GPU timing replaced: measured once per row count (rounded up to a power of two), weight shape and dtype,
-never during CUDA-graph capture (the usual kernel until measured), the skinny kernel only when it is at least
-MIN_GAIN faster (or, with a prologue to run, at most MAX_LOSS_WITH_PROLOGUE slower), and never for more than
-MAX_ROWS rows or off CUDA."""
+"""prefer_skinny's choice between the one-row Triton linear and the layer's usual kernel (layers/skinny_gemm.py),
+with the GPU timing replaced: measured once per weight shape and dtype, never during CUDA-graph capture (the
+usual kernel until measured), the skinny kernel only when it is at least MIN_GAIN faster (or, with a prologue
+to run, at most MAX_LOSS_WITH_PROLOGUE slower), and never for more than one row or off CUDA."""
 from types import SimpleNamespace
 
 import pytest
@@ -74,15 +73,9 @@ def test_fp8_weights_are_a_separate_choice(timings):
     assert not prefer(timings, FakeCudaRow(1, 128), weight, scale=torch.ones(1, 1)) and timings.measured == 4
 
 
-def test_measured_per_row_bucket_up_to_max_rows_on_cuda(timings):
+def test_only_one_row_on_cuda(timings):
     weight = torch.empty(64, 128, dtype=torch.bfloat16)
-    assert prefer(timings, FakeCudaRow(1, 128), weight) and timings.measured == 2
-    assert prefer(timings, FakeCudaRow(3, 128), weight) and timings.measured == 4
-    assert prefer(timings, FakeCudaRow(4, 128), weight) and timings.measured == 4  # 3 and 4 rows: one kernel call
-    timings.skinny_ms = 10.0
-    assert not prefer(timings, FakeCudaRow(skinny_gemm.MAX_ROWS, 128), weight) and timings.measured == 6
-    timings.measured = 0
-    assert not prefer(timings, FakeCudaRow(skinny_gemm.MAX_ROWS + 1, 128), weight)
+    assert not prefer(timings, FakeCudaRow(2, 128), weight)
     assert not prefer(timings, torch.empty(1, 128, dtype=torch.bfloat16), weight)  # a CPU tensor
     assert timings.measured == 0
 

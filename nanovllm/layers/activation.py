@@ -58,7 +58,7 @@ class SiluAndMul(nn.Module):
 
 class PendingSiluMul:
     """`silu_and_mul(gate_up)`, left to the layer that reads it (see layernorm.PendingNorm): computed in the
-    prologue of a few-row linear kernel, or by `value()`."""
+    prologue of a one-row linear kernel, or by `value()`."""
 
     def __init__(self, act: SiluAndMul, gate_up: torch.Tensor):
         self.act, self.gate_up = act, gate_up

@@ -89,7 +89,7 @@ class RMSNorm(nn.Module):
 
 
 class PendingNorm:
-    """`norm(x, residual)`, left to the layer that reads it: a linear running its few-row kernel computes
+    """`norm(x, residual)`, left to the layer that reads it: a linear running its one-row kernel computes
     the norm in that kernel's prologue (layers/skinny_gemm.py: a launch less per norm), anything else calls
     `value()`. Afterwards `residual` is x + residual (x without one), the stream the decoder carries on."""
 

@@ -69,13 +69,13 @@ class LinearBase(nn.Module):
             fp8.process_weights_after_loading(self, self.quant_config, self.params_dtype)
 
     def _linear(self, x: torch.Tensor | Pending, bias: torch.Tensor | None) -> torch.Tensor:
-        """x @ W^T (+ bias); x may be a norm or activation still to compute (Pending): the few-row kernel
+        """x @ W^T (+ bias); x may be a norm or activation still to compute (Pending): the one-row kernel
         computes it in its prologue where that kernel is taken."""
         scale = self.weight_scale_inv if self.weight.dtype == fp8.FP8_DTYPE else None
         pending = isinstance(x, Pending)
         rows = x.rows if pending else x
         if prefer_skinny(rows, self.weight, scale, lambda: self._default(rows, bias, scale), prologue=pending):
-            if pending:  # a few rows (decode at small batches)
+            if pending:  # one row (decode at batch 1)
                 x, prologue = x.prologue()
                 return skinny_linear(x, self.weight, bias, scale, prologue=prologue)
             return skinny_linear(x, self.weight, bias, scale)

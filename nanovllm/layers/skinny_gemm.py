@@ -1,11 +1,10 @@
 """Linear layers at a handful of rows (decode at small batches): y = x @ W^T (+ bias) in Triton.
 
-At one to sixteen rows a linear reads its whole weight to produce a few outputs: the step is bound by
+At one to eight rows a linear reads its whole weight to produce a few outputs: the step is bound by
 the weight's bytes and, for a small model, by its number of kernels. This kernel gives each program
-BLOCK_N output features and walks the whole input dimension, BLOCK_K at a time. One row: plain
-multiply-adds in float32 on CUDA cores (nothing to reuse), the partial products in registers, summed
-once at the end. Two to MAX_ROWS rows: tensor cores, each weight tile times the rows (padded to
-DOT_ROWS) as one tl.dot, so that more rows cost no more than their bytes.
+BLOCK_N output features and walks the whole input dimension, BLOCK_K at a time, with plain
+multiply-adds in float32 (no tensor cores: there is nothing to reuse); the partial products stay in
+registers and are summed once at the end.
 
 Weights are the model dtype, or float8_e4m3fn with one float32 scale per SCALE_BLOCK x SCALE_BLOCK
 block (layers/quantization/fp8.py), dequantized in registers: an FP8 weight is read at one byte per
@@ -13,16 +12,15 @@ element and the activations stay in the model dtype (no quantization step at the
 
 A `Prologue` computes the input from what the layer before left: the RMSNorm (with its residual add)
 of the decoder layer before qkv and gate_up, SiLU-and-mul before down. Each program reads the whole
-rows anyway at these sizes, so a norm costs it a second pass over them from L2, and the separate
+row anyway at these sizes, so a norm costs it a second pass over the row from L2, and the separate
 norm or activation kernel (and its launch gap) goes (layers/layernorm.PendingNorm, activation.PendingSiluMul).
 
-It is not always faster: cuBLAS (or the FP8 GEMM) wins on large weights (scripts/bench_skinny.py).
-`prefer_skinny` decides per row count, weight shape and dtype by timing both once, outside CUDA-graph
-capture (the model runner's warm-up runs a one-token forward for one row; the CUDA graphs' own warm-up
-forwards time the other batch sizes). One H200, one row, bf16: Qwen3-0.6B's o_proj 3.5 us against
-cuBLAS's 12.9, down_proj 4.0 against 7.6, qkv and gate_up within 10% of cuBLAS; Qwen3-8B's o_proj 11.5
-against 14.0, the others within 10%. With FP8 weights it beats the FP8 GEMM on 0.6B's shapes, not on 8B's
-gate_up and down.
+It is not always faster: cuBLAS (or the FP8 GEMM) wins on large weights, and at two to eight rows
+(scripts/bench_skinny.py). `prefer_skinny` decides per weight shape and dtype for one-row inputs by
+timing both once, outside CUDA-graph capture (the model runner's warm-up runs a one-token forward for
+this). One H200, one row, bf16: Qwen3-0.6B's o_proj 3.5 us against cuBLAS's 12.9, down_proj 4.0 against
+7.6, qkv and gate_up within 10% of cuBLAS; Qwen3-8B's o_proj 11.5 against 14.0, the others within 10%.
+With FP8 weights it beats the FP8 GEMM on 0.6B's shapes, not on 8B's gate_up and down.
 """
 from typing import Callable, NamedTuple
 
@@ -30,17 +28,14 @@ import torch
 
 from nanovllm.utils.triton_utils import num_sms, tl, triton, use_pdl
 
-MAX_ROWS = 16  # the most rows skinny_linear takes
-# (BLOCK_N, BLOCK_K, num_warps, prefetch) of one row, on CUDA cores: the partial products take
-# BLOCK_N * BLOCK_K / (32 * num_warps) float32 registers per thread.
-CONFIG_ONE_ROW = (4, 1024, 4, False)
+MAX_ROWS = 8  # the most rows skinny_linear takes (the layers use it at one row: prefer_skinny)
+# (BLOCK_N, BLOCK_K, num_warps, prefetch) per padded row count: the partial products take
+# ROWS * BLOCK_N * BLOCK_K / (32 * num_warps) float32 registers per thread.
+CONFIGS = {1: (4, 1024, 4, False), 2: (8, 256, 4, False), 4: (4, 256, 4, False), 8: (4, 128, 4, False)}
 # one row, few output features (BLOCK_N 4 would give fewer than two programs per SM): a program per feature,
 # each prefetching its next tile (H200, scripts/bench_skinny.py: Qwen3-0.6B's o_proj 3.5 against 4.0 us,
-# down_proj 4.0 against 5.0 with CONFIG_ONE_ROW)
+# down_proj 4.0 against 5.0 with CONFIGS[1])
 CONFIG_FEW_OUTPUTS = (1, 1024, 4, True)
-# two to MAX_ROWS rows, on tensor cores (no prefetch: Triton pipelines the loop's loads, NUM_STAGES tiles)
-CONFIG_ROWS = (16, 512, 4, False)
-DOT_ROWS = 16  # the tensor-core path pads the rows to this (tl.dot's smallest tile side)
 NUM_STAGES = 3
 MIN_GAIN = 1.1  # prefer_skinny picks this kernel when it is at least this much faster
 # ... or, when it would also run the input's norm or activation (a kernel launch saved), at most this much slower:
@@ -119,11 +114,20 @@ if triton is not None:
         return x[:, None]
 
     @triton.jit
-    def _cuda_core_rows(x_ptr, x_stride, w_rows, s_row, n_ok, r, M, K, res_ptr, res_stride, norm_ptr, sum_ptr, eps,
-                        ROWS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP: tl.constexpr,
-                        EVEN_K: tl.constexpr, PREFETCH: tl.constexpr, FP8: tl.constexpr, NORM: tl.constexpr,
-                        RESIDUAL: tl.constexpr, SILU_MUL: tl.constexpr, PDL: tl.constexpr):
-        """[ROWS, BLOCK_N]: the product by multiply-adds on CUDA cores (one row: nothing to reuse)."""
+    def _skinny_kernel(x_ptr, x_stride, w_ptr, w_stride, s_ptr, s_stride, b_ptr, y_ptr, y_stride, M, N, K,
+                       res_ptr, res_stride, norm_ptr, sum_ptr, eps,
+                       ROWS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr,
+                       PREFETCH: tl.constexpr, FP8: tl.constexpr, SCALE_BLOCK: tl.constexpr,
+                       HAS_BIAS: tl.constexpr, NORM: tl.constexpr, RESIDUAL: tl.constexpr,
+                       SILU_MUL: tl.constexpr, PDL: tl.constexpr):
+        if PDL:
+            tl.extra.cuda.gdc_launch_dependents()
+        GROUP: tl.constexpr = SCALE_BLOCK if FP8 else BLOCK_K
+        n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+        r = tl.arange(0, ROWS)
+        n_ok = n < N
+        w_rows = w_ptr + n.to(tl.int64)[:, None, None] * w_stride
+        s_row = s_ptr + (tl.program_id(0) * BLOCK_N // SCALE_BLOCK) * s_stride  # FP8 only
         w = _weights(w_rows, 0, n_ok, K, BLOCK_K, GROUP, EVEN_K)  # in flight while the norm's pass runs ...
         if PDL:  # ... and while the kernel before finishes (x is its output)
             tl.extra.cuda.gdc_wait()
@@ -146,74 +150,25 @@ if triton is not None:
                 x = _inputs(x_ptr, x_stride, res_ptr, res_stride, norm_ptr, inv_rms, s_row, k0, r, M, K, BLOCK_K,
                             GROUP, EVEN_K, FP8, NORM, RESIDUAL, SILU_MUL)
         acc += x * w.to(tl.float32)[None]
-        return tl.sum(tl.sum(acc, axis=3), axis=2)
-
-    @triton.jit
-    def _tensor_core_rows(x_ptr, x_stride, w_rows, s_row, n_ok, r, M, K, res_ptr, res_stride, norm_ptr, sum_ptr, eps,
-                          ROWS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP: tl.constexpr,
-                          EVEN_K: tl.constexpr, FP8: tl.constexpr, NORM: tl.constexpr, RESIDUAL: tl.constexpr,
-                          SILU_MUL: tl.constexpr, PDL: tl.constexpr, PRECISION: tl.constexpr):
-        """[ROWS, BLOCK_N]: the product as W [BLOCK_N, BLOCK_K] @ x^T [BLOCK_K, ROWS] tiles on tensor cores, the
-        rows (padded to ROWS >= 16) as the tile's columns: several rows cost the weight's bytes, not more multiply-
-        adds. The inputs are rounded to x's dtype for the product (FP8: after the weight scale, see _inputs)."""
-        if PDL:
-            tl.extra.cuda.gdc_wait()
-        dtype = x_ptr.dtype.element_ty
-        inv_rms = tl.zeros([ROWS], tl.float32)
-        if NORM:
-            inv_rms = _inv_rms(x_ptr, x_stride, res_ptr, res_stride, sum_ptr, r, M, K, eps, BLOCK_K, RESIDUAL)
-        acc = tl.zeros([BLOCK_N, ROWS], tl.float32)
-        for k0 in range(0, K, BLOCK_K):
-            w = tl.reshape(_weights(w_rows, k0, n_ok, K, BLOCK_K, GROUP, EVEN_K), [BLOCK_N, BLOCK_K])
-            x = _inputs(x_ptr, x_stride, res_ptr, res_stride, norm_ptr, inv_rms, s_row, k0, r, M, K, BLOCK_K, GROUP,
-                        EVEN_K, FP8, NORM, RESIDUAL, SILU_MUL)
-            x = tl.reshape(x, [ROWS, BLOCK_K]).to(dtype)
-            acc = tl.dot(w.to(dtype), tl.trans(x), acc, input_precision=PRECISION)
-        return tl.trans(acc)
-
-    @triton.jit
-    def _skinny_kernel(x_ptr, x_stride, w_ptr, w_stride, s_ptr, s_stride, b_ptr, y_ptr, y_stride, M, N, K,
-                       res_ptr, res_stride, norm_ptr, sum_ptr, eps,
-                       ROWS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr,
-                       PREFETCH: tl.constexpr, FP8: tl.constexpr, SCALE_BLOCK: tl.constexpr,
-                       HAS_BIAS: tl.constexpr, NORM: tl.constexpr, RESIDUAL: tl.constexpr,
-                       SILU_MUL: tl.constexpr, PDL: tl.constexpr, DOT: tl.constexpr, PRECISION: tl.constexpr):
-        if PDL:
-            tl.extra.cuda.gdc_launch_dependents()
-        GROUP: tl.constexpr = SCALE_BLOCK if FP8 else BLOCK_K
-        n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-        r = tl.arange(0, ROWS)
-        n_ok = n < N
-        w_rows = w_ptr + n.to(tl.int64)[:, None, None] * w_stride
-        s_row = s_ptr + (tl.program_id(0) * BLOCK_N // SCALE_BLOCK) * s_stride  # FP8 only
-        if DOT:
-            y = _tensor_core_rows(x_ptr, x_stride, w_rows, s_row, n_ok, r, M, K, res_ptr, res_stride, norm_ptr, sum_ptr,
-                                  eps, ROWS, BLOCK_N, BLOCK_K, GROUP, EVEN_K, FP8, NORM, RESIDUAL, SILU_MUL, PDL,
-                                  PRECISION)
-        else:
-            y = _cuda_core_rows(x_ptr, x_stride, w_rows, s_row, n_ok, r, M, K, res_ptr, res_stride, norm_ptr, sum_ptr,
-                                eps, ROWS, BLOCK_N, BLOCK_K, GROUP, EVEN_K, PREFETCH, FP8, NORM, RESIDUAL, SILU_MUL,
-                                PDL)
+        y = tl.sum(tl.sum(acc, axis=3), axis=2)  # [ROWS, BLOCK_N]
         if HAS_BIAS:
             y += tl.load(b_ptr + n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
         tl.store(y_ptr + r[:, None] * y_stride + n[None, :], y.to(y_ptr.dtype.element_ty),
                  mask=(r < M)[:, None] & n_ok[None, :])
 
 
-_ratios: dict[tuple, float] = {}  # (rows, weight shape, dtypes, scaled, device) -> skinny_linear's time / the usual's
+_ratios: dict[tuple, float] = {}  # (weight shape, dtypes, scaled, device) -> skinny_linear's time / the usual's
 
 
 def prefer_skinny(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor | None,
                   default: Callable[[], torch.Tensor], prologue: bool = False) -> bool:
-    """Whether x (at most MAX_ROWS rows, on CUDA) @ weight^T should run skinny_linear rather than `default` (the
+    """Whether x (one row, on CUDA) @ weight^T should run skinny_linear rather than `default` (the
     layer's usual path for the same inputs): when it is MIN_GAIN times faster, or with a `prologue` to run
     (which the usual path needs a kernel of its own for) no more than MAX_LOSS_WITH_PROLOGUE times slower.
-    Timed once per row count (rounded up to a power of two), weight shape and dtype, on the first call outside
-    CUDA-graph capture; False until then."""
-    m = x.numel() // x.shape[-1] if x.shape[-1] else 0
-    if not x.is_cuda or triton is None or not 0 < m <= MAX_ROWS or weight.stride(1) != 1:
+    Timed once per weight shape and dtype, on the first call outside CUDA-graph capture; False until then."""
+    if not x.is_cuda or triton is None or x.numel() != x.shape[-1] or weight.stride(1) != 1:
         return False
-    key = (triton.next_power_of_2(m), tuple(weight.shape), weight.dtype, x.dtype, weight_scale is not None, x.device)
+    key = (tuple(weight.shape), weight.dtype, x.dtype, weight_scale is not None, x.device)
     ratio = _ratios.get(key)
     if ratio is None:
         if torch.cuda.is_current_stream_capturing():
@@ -269,20 +224,19 @@ def skinny_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     fp8 = weight_scale is not None
     y = torch.empty(m, n, dtype=x.dtype, device=x.device)
     if m:
-        dot = m > 1
+        rows = triton.next_power_of_2(m)
         if config is None:
-            few = not dot and triton.cdiv(n, CONFIG_ONE_ROW[0]) < 2 * num_sms(x.device)
-            config = CONFIG_ROWS if dot else CONFIG_FEW_OUTPUTS if few else CONFIG_ONE_ROW
+            few = rows == 1 and triton.cdiv(n, CONFIGS[1][0]) < 2 * num_sms(x.device)
+            config = CONFIG_FEW_OUTPUTS if few else CONFIGS[rows]
         block_n, block_k, num_warps, prefetch = config
         assert not fp8 or (scale_block % block_n == 0 and block_k % scale_block == 0)
-        assert not dot or block_n >= DOT_ROWS, f"the tensor-core path needs BLOCK_N >= {DOT_ROWS}, got {config}"
         scales = weight_scale if fp8 else weight  # unused pointers are passed as some tensor of the call
         res_in = prologue.residual if residual else x2
         pdl = use_pdl(x.device)
         _skinny_kernel[(triton.cdiv(n, block_n),)](
             x2, x2.stride(0), weight, weight.stride(0), scales, scales.stride(0), bias if bias is not None else y,
             y, y.stride(0), m, n, k, res_in, res_in.stride(0), prologue.norm_weight if norm else x2,
-            prologue.residual_out if residual else y, prologue.eps, DOT_ROWS if dot else 1, block_n, block_k,
-            k % block_k == 0, prefetch, fp8, scale_block, bias is not None, norm, residual, prologue.silu_mul, pdl, dot,
-            "ieee" if x.dtype == torch.float32 else "tf32", num_warps=num_warps, num_stages=NUM_STAGES, launch_pdl=pdl)
+            prologue.residual_out if residual else y, prologue.eps, rows, block_n, block_k, k % block_k == 0, prefetch,
+            fp8, scale_block, bias is not None, norm, residual, prologue.silu_mul, pdl,
+            num_warps=num_warps, num_stages=NUM_STAGES, launch_pdl=pdl)
     return y.view(*x.shape[:-1], n)

@@ -3,8 +3,8 @@
 Pre-norm layers: RMSNorm -> GQA attention with NeoX RoPE -> residual add; RMSNorm -> SwiGLU MLP ->
 residual add. Fused (one Triton kernel each on CUDA, see layers/): each residual add with the
 RMSNorm that follows it; q/k norm, RoPE and the KV-cache store; SiLU with the gate-up product. At
-a few rows (decode at small batches) the norms and SiLU go into the projections after them (PendingNorm,
-PendingSiluMul: the projection's few-row kernel computes its input), where that kernel is taken.
+one row (decode at batch 1) the norms and SiLU go into the projections after them (PendingNorm,
+PendingSiluMul: the projection's one-row kernel computes its input), where that kernel is taken.
 The families differ only in what their config says, which each architecture's class reads into a
 `DecoderSpec`: the biases of the projections and the per-head RMSNorm of q and k. An MoE family
 puts its sparse block in place of the MLP of some layers (`make_mlp`). Tied embeddings come from
@@ -156,7 +156,7 @@ class DecoderLayer(nn.Module):
 
     def forward(self, positions: torch.Tensor, hidden_states: torch.Tensor, residual: torch.Tensor | None):
         """Returns (this layer's MLP output, the residual stream before it); the caller adds them. The norms
-        are left to the projections after them (PendingNorm: a few-row projection computes its norm itself)."""
+        are left to the projections after them (PendingNorm: a one-row projection computes its norm itself)."""
         x = PendingNorm(self.input_layernorm, hidden_states, residual)
         hidden_states = self.self_attn(positions, x)
         x = PendingNorm(self.post_attention_layernorm, hidden_states, x.residual)

@@ -1,9 +1,7 @@
 """Triton's interpreter casts float32 -> bfloat16 by truncating the mantissa; compiled kernels round
 to nearest even (cvt.rn), as torch does. `round_bf16_to_nearest_even()` routes the interpreter's
 cast through torch's conversion, so bfloat16 results compare with torch's at the rounding the GPU
-gives. It also makes the interpreter's tl.dot read bfloat16 operands as numbers: it keeps them as
-their raw 16 bits and multiplies those (Triton 3.9). A no-op outside TRITON_INTERPRET=1; patching twice
-is harmless."""
+gives (a no-op outside TRITON_INTERPRET=1; patching twice is harmless)."""
 import os
 
 import numpy as np
@@ -29,16 +27,3 @@ def round_bf16_to_nearest_even():
 
     rounded_cast.rounds_bf16 = True
     builder.cast_impl = rounded_cast
-    create_dot = builder.create_dot
-
-    def bf16_values(handle):
-        """A bfloat16 handle as float32 (the bits in the high half), other handles as they are."""
-        if handle.dtype.scalar != tl.bfloat16:
-            return handle
-        values = (handle.data.astype(np.uint32) << 16).view(np.float32)
-        return interpreter.TensorHandle(values, tl.float32)
-
-    def dot(self, a, b, d, input_precision, max_num_imprecise_acc):
-        return create_dot(self, bf16_values(a), bf16_values(b), d, input_precision, max_num_imprecise_acc)
-
-    builder.create_dot = dot

@@ -1,34 +1,26 @@
 """The skinny linear (layers/skinny_gemm.py) against a float64 reference on the same operands: model-dtype
-and FP8 block-scaled weights, every row count up to MAX_ROWS (one row on CUDA cores, more on tensor cores), an
-input width that is not a multiple of the tile (masked K) and one that is, with and without a bias, an output
-width that leaves a partial tile. Its prologues against the torch norm and activation followed by the same
-product: the residual sum exactly. `configs` apply to one row, `row_configs` to several (BLOCK_N >= DOT_ROWS)."""
+and FP8 block-scaled weights, every row count up to MAX_ROWS, an input width that is not a multiple of the
+tile (masked K) and one that is, with and without a bias, an output width that leaves a partial tile. Its
+prologues against the torch norm and activation followed by the same product: the residual sum exactly."""
 import torch
 
 from kernel_checks.interpreter_rounding import round_bf16_to_nearest_even
 from nanovllm.layers.activation import silu_and_mul
 from nanovllm.layers.layernorm import add_rms_norm, rms_norm
 from nanovllm.layers.quantization.fp8 import dequantize_weight_blockwise, quantize_weight_blockwise
-from nanovllm.layers.skinny_gemm import DOT_ROWS, MAX_ROWS, Prologue, skinny_linear
+from nanovllm.layers.skinny_gemm import CONFIGS, MAX_ROWS, Prologue, skinny_linear
 
 round_bf16_to_nearest_even()
 
 DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
 
 
-def _configs(m: int, configs, row_configs, fp8: bool = False) -> list:
-    """The default (None) and the given configs for m rows (FP8: those whose tiles fit its scale blocks)."""
-    given = configs if m == 1 else row_configs
-    assert all(c[0] >= DOT_ROWS for c in row_configs)
-    return [None, *(c for c in given if not fp8 or (128 % c[0] == 0 and c[1] % 128 == 0))]
-
-
 def check(device: str, n: int = 200, ks=(256, 320), rows=tuple(range(1, MAX_ROWS + 1)), dtypes=("bfloat16",),
-          configs=(), row_configs=(), prologue_rows=(1, 3)):
-    """prologue_rows: the row counts the prologues are checked at, with the last of `ks`, of `configs` and of
-    `row_configs` and the default config (empty: not at all)."""
+          configs=(), prologue_rows=(1, 3)):
+    """prologue_rows: the row counts the prologues are checked at, with the last of `ks` and of `configs` and the
+    default config (empty: not at all)."""
     if prologue_rows:
-        check_prologues(device, n, ks[-1:], prologue_rows, dtypes, configs[-1:], row_configs[-1:])
+        check_prologues(device, n, ks[-1:], prologue_rows, dtypes, configs[-1:])
     g = torch.Generator().manual_seed(n)
     for name in dtypes:
         dtype = DTYPES[name]
@@ -41,7 +33,7 @@ def check(device: str, n: int = 200, ks=(256, 320), rows=tuple(range(1, MAX_ROWS
                 x = torch.randn(m, k, generator=g).to(dtype)
                 for b in (None, bias):
                     want = x.double() @ w.double().T + (0 if b is None else b.double())
-                    for config in _configs(m, configs, row_configs):
+                    for config in (None, *configs):
                         got = skinny_linear(x.to(device), w.to(device), None if b is None else b.to(device),
                                             config=config).cpu()
                         assert got.dtype == dtype and got.shape == (m, n)
@@ -49,14 +41,15 @@ def check(device: str, n: int = 200, ks=(256, 320), rows=tuple(range(1, MAX_ROWS
                         torch.testing.assert_close(got.double(), want, rtol=tol, atol=tol * k ** 0.5,
                                                    msg=f"skinny {name} m={m} k={k} bias={b is not None} {config}")
                     want8 = x.double() @ w_deq.T + (0 if b is None else b.double())
-                    for config in _configs(m, configs, row_configs, fp8=True):
+                    for config in (None, *(c for c in configs if 128 % c[0] == 0 and c[1] % 128 == 0)):
                         got8 = skinny_linear(x.to(device), w_fp8.to(device), None if b is None else b.to(device),
                                              weight_scale=scale.to(device), config=config).cpu()
                         torch.testing.assert_close(got8.double(), want8, rtol=tol, atol=tol * k ** 0.5,
                                                    msg=f"skinny fp8 {name} m={m} k={k} bias={b is not None} {config}")
+    assert set(CONFIGS) == {1, 2, 4, 8}
 
 
-def check_prologues(device: str, n: int, ks, rows, dtypes, configs, row_configs):
+def check_prologues(device: str, n: int, ks, rows, dtypes, configs):
     g = torch.Generator().manual_seed(n + 1)
     for name in dtypes:
         dtype = DTYPES[name]
@@ -78,7 +71,7 @@ def check_prologues(device: str, n: int, ks, rows, dtypes, configs, row_configs)
                     (gate_up, Prologue(silu_mul=True), silu_and_mul(gate_up), None)]
                 for weight, weight_scale, w_ref in weights:
                     fp8 = weight_scale is not None
-                    for config in _configs(m, configs, row_configs, fp8):
+                    for config in (None, *(c for c in configs if not fp8 or (128 % c[0] == 0 and c[1] % 128 == 0))):
                         for inp, prologue, want_in, want_sum in cases:
                             got = skinny_linear(inp.to(device), weight.to(device), None,
                                                 None if weight_scale is None else weight_scale.to(device),
