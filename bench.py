@@ -18,11 +18,11 @@ max_tokens=randint(100, 1024)) per sequence; a short warm-up generate; one timed
 Lengths are drawn from [min(100, max), max], so any --max-input-len / --max-output-len >= 1 works.
 On the CPU the full workload takes long: a progress bar shows how far it got.
 
-Shared-prefix workloads (decode tok/s: decode steps only, timed step by step, and its share of the floor
-where every distinct KV block of a step's batch is read once, plus the weights, at --bandwidth-tbs). With
-async scheduling a step's wall time covers the GPU work of the step before it: where a decode step follows
-a prefill step (or the other way round), the device is drained first and that wait is counted with the
-earlier step's kind.
+Shared-prefix workloads (one `LLM.generate`; decode tok/s: decode steps only, each round of the engine's
+loop timed, and its share of the floor where every distinct KV block of a step's batch is read once, plus
+the weights, at --bandwidth-tbs). With async scheduling a round's wall time covers the GPU work of the step
+before it: where a decode step follows a prefill step (or the other way round), the device is drained first
+and that wait is counted with the earlier step's kind.
 - shared-prefix: random.seed(0); one 2,048-token random system prompt; --num-seqs (512 unless given)
   prompts = it + randint(32, 256) own random tokens; temperature 0.6, ignore_eos, 128 new tokens each.
 - n-samples: random.seed(0); 64 prompts of 1,024 random tokens; n=16, temperature 0.6, ignore_eos,
@@ -209,7 +209,10 @@ def shared_workload(name: str, num_seqs: int) -> tuple[list[list[int]], Sampling
 
 
 def shared_throughput(llm: LLM, args):
-    """Run --workload: decode tok/s (decode steps only) and its share of the floor, printed."""
+    """Run --workload through `LLM.generate`: decode tok/s (decode steps only) and its share of the floor,
+    printed. Each round of the engine's loop is timed; what the bench itself records per step (the step's
+    kind, rows and block tables) is a few list entries, and the distinct KV blocks behind the floor are
+    counted after the run, so no bench work hides in a step's time."""
     engine = llm.llm_engine
     hf = engine.config.hf_config
     head_dim = getattr(hf, "head_dim", None) or hf.hidden_size // hf.num_attention_heads
@@ -217,44 +220,48 @@ def shared_throughput(llm: LLM, args):
     token_bytes = 2 * hf.num_hidden_layers * hf.num_key_value_heads * head_dim * kv_bytes  # K and V, all layers
     weight_bytes = sum(p.numel() * p.element_size() for p in engine.executor.runner.model.parameters())
     block_size = engine.config.block_size
-    # per step: (is_prefill, rows, distinct KV blocks, host s not to count, s of the previous kind's GPU work)
-    scheduler, steps = engine.scheduler, []
-    schedule = scheduler.schedule
     on_cuda = engine.config.device_type == "cuda"
+    # per scheduled step: (is_prefill, rows, [(block table, its length then)], s drained before it)
+    scheduler, steps, rounds = engine.scheduler, [], []  # rounds: (s, the step scheduled in it or None)
+    schedule, loop_step = scheduler.schedule, engine._step
 
     def recording_schedule():
         output = schedule()
-        start = time.perf_counter()
         drained = 0.0
         if steps and steps[-1][0] != output.is_prefill and on_cuda:  # the other kind's steps end here
+            start = time.perf_counter()
             torch.cuda.synchronize()
             drained = time.perf_counter() - start
-        blocks = 0 if output.is_prefill else len({b for seq in output.seqs for b in seq.block_table})
-        steps.append((output.is_prefill, len(output.seqs), blocks, time.perf_counter() - start, drained))
+        tables = [] if output.is_prefill else [(seq.block_table, len(seq.block_table)) for seq in output.seqs]
+        steps.append((output.is_prefill, len(output.seqs), tables, drained))
         return output
+
+    def timed_round():
+        num_steps, start = len(steps), time.perf_counter()
+        result = loop_step()
+        rounds.append((time.perf_counter() - start, steps[-1] if len(steps) > num_steps else None))
+        return result
     llm.generate([[0] * 16], SamplingParams(max_tokens=4), use_tqdm=False)  # warm-up
     prompts, params = shared_workload(args.workload, args.num_seqs)
-    for i, prompt in enumerate(prompts):
-        engine.add_request(f"{args.workload}-{i}", dict(prompt_token_ids=prompt), params)
-    scheduler.schedule = recording_schedule
-    decode_s = prefill_s = floor_s = 0.0
-    decode_tokens = 0
+    scheduler.schedule, engine._step = recording_schedule, timed_round
     try:
-        while not engine.is_finished():
-            start = time.perf_counter()
-            engine.step()
-            is_prefill, rows, blocks, counting_s, drained_s = steps[-1]
-            elapsed = time.perf_counter() - start - counting_s
-            if is_prefill:
-                prefill_s += elapsed
-                decode_s += drained_s
-                continue
-            prefill_s += drained_s
-            decode_s += elapsed
-            decode_tokens += rows
-            floor_s += (weight_bytes + blocks * block_size * token_bytes) / (args.bandwidth_tbs * 1e12)
+        llm.generate(prompts, params, use_tqdm=False)
     finally:
-        scheduler.schedule = schedule
+        del scheduler.schedule, engine._step  # the methods again
+    decode_s = prefill_s = floor_s = 0.0
+    decode_tokens, is_prefill = 0, False
+    for elapsed, step in rounds:
+        drained = 0.0
+        if step is not None:  # (else a round that only read the last step's tokens: counted with its kind)
+            is_prefill, rows, tables, drained = step
+            if not is_prefill:
+                decode_tokens += rows
+                blocks = len({b for table, length in tables for b in table[:length]})
+                floor_s += (weight_bytes + blocks * block_size * token_bytes) / (args.bandwidth_tbs * 1e12)
+        if is_prefill:
+            prefill_s, decode_s = prefill_s + elapsed - drained, decode_s + drained
+        else:
+            decode_s, prefill_s = decode_s + elapsed - drained, prefill_s + drained
     num_decode = sum(1 for s in steps if not s[0])
     cascade = "on" if cascade_policy(engine.config) is not None else "off"  # the flag, where the backend has it
     print(f"[{args.workload}, cascade {cascade}] decode: {decode_tokens}tok in {num_decode} steps, {decode_s:.2f}s, "

@@ -248,10 +248,15 @@ def test_odd_inputs_get_clear_errors_or_work(llm):
     assert tokens(llm, numpy_ids) == tokens(llm) == tokens(llm, [np.array(p).tolist() for p in PROMPTS])
 
 
-def test_bench_runs_any_small_size_and_removes_its_folder(qwen3_tied, tmp_path, monkeypatch, capsys):
+def _bench():
     spec = importlib.util.spec_from_file_location("bench", os.path.join(ROOT, "bench.py"))
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
+    return bench
+
+
+def test_bench_runs_any_small_size_and_removes_its_folder(qwen3_tied, tmp_path, monkeypatch, capsys):
+    bench = _bench()
     with open(os.path.join(qwen3_tied, "config.json")) as f:
         monkeypatch.setitem(bench.DUMMY_CONFIGS, "Qwen3-0.6B", json.load(f))  # tiny stand-in
     monkeypatch.setattr("tempfile.tempdir", str(tmp_path))
@@ -261,6 +266,24 @@ def test_bench_runs_any_small_size_and_removes_its_folder(qwen3_tied, tmp_path, 
     out = capsys.readouterr().out
     assert "Throughput" in out and ("No GPU" in out) == (not torch.cuda.is_available())
     assert not os.listdir(tmp_path)
+
+
+def test_bench_shared_workload_counts_every_decode_token(qwen3_tied, monkeypatch, capsys):
+    """--workload's figures come from LLM.generate's rounds: every sequence's tokens after its first (which its
+    prefill step gives) in the decode count, and the engine's loop unpatched afterwards."""
+    bench = _bench()
+    params = SamplingParams(n=3, temperature=0.6, ignore_eos=True, max_tokens=6)
+    monkeypatch.setattr(bench, "shared_workload", lambda name, num_seqs: ([[7] * 40, [9] * 33], params))
+    # async scheduling: the loop's last round only reads the last step's tokens
+    llm = LLM(qwen3_tied, enable_cascade_attention=True, async_scheduling=True, **ENGINE_ARGS)
+    try:
+        bench.shared_throughput(llm, bench.parse_args(["--workload", "n-samples"]))
+        assert "_step" not in vars(llm.llm_engine) and "schedule" not in vars(llm.llm_engine.scheduler)
+        out = capsys.readouterr().out
+        assert re.search(r"\[n-samples, cascade on\] decode: 30tok in \d+ steps, ", out), out
+        assert llm.generate([[1, 2]], GREEDY, use_tqdm=False)[0].outputs[0].token_ids  # still serves
+    finally:
+        llm.shutdown()
 
 
 if __name__ == "__main__":
