@@ -66,6 +66,52 @@ def test_cost_rule_thresholds():
     assert plan_cascade(tables, lens, 4, CascadePolicy(0, 0, min_group_rows=4)) is None  # groups of 2 and 3
 
 
+def _reference_groups(tables, caps, rows, shared, min_saved, min_rows):
+    """plan_cascade's rule written plainly: the common run of `rows` block by block, every child explored."""
+    limit = min(caps[r] for r in rows)
+    while shared < limit and len({tables[r][shared] for r in rows}) == 1:
+        shared += 1
+    here = shared * (len(rows) - 1)
+    best = (here, [CascadeGroup(sorted(rows), shared)]) if here >= min_saved and len(rows) >= min_rows else (0, [])
+    children: dict[int, list[int]] = {}
+    for r in rows:
+        if caps[r] > shared:
+            children.setdefault(tables[r][shared], []).append(r)
+    below = [_reference_groups(tables, caps, c, shared + 1, min_saved, min_rows) for c in children.values()
+             if len(c) >= max(2, min_rows)]
+    saved = sum(b[0] for b in below)
+    return (saved, [g for b in below for g in b[1]]) if saved > best[0] else best
+
+
+def test_plans_are_the_plain_rules_on_random_batches():
+    """plan_cascade (its shortcuts: a node of min_group_rows rows is not split further, hints, binary searches)
+    against the rule written plainly, on random forests of shared runs, group sizes and policies."""
+    rng = random.Random(1)
+    for trial in range(300):
+        block_size, next_block, tables = 4, 1000, []
+        for _ in range(rng.randint(1, 4)):  # trees of tables forking off one another
+            tree = [[rng.randrange(100) for _ in range(rng.randint(1, 3))]]
+            for _ in range(rng.randint(1, 12)):
+                parent = rng.choice(tree)
+                tree.append(parent[:rng.randint(1, len(parent))] + list(range(next_block, next_block + rng.randint(0, 3))))
+                next_block += 3
+            tables += tree
+        rng.shuffle(tables)
+        tables = [t for t in tables if t]
+        lens = [max(1, block_size * len(t) - rng.randrange(block_size + 2)) for t in tables]
+        policy = CascadePolicy(rng.choice([0, 4, 8]), 0, rng.choice([2, 3, 4, 16]))
+        caps = [min(len(t), n // block_size) for t, n in zip(tables, lens)]
+        by_first: dict[int, list[int]] = {}
+        for row, table in enumerate(tables):
+            if caps[row]:
+                by_first.setdefault(table[0], []).append(row)
+        want = sorted(g for rows in by_first.values() if len(rows) >= max(2, policy.min_group_rows)
+                      for g in _reference_groups(tables, caps, rows, 1, policy.min_group_saved_tokens / block_size,
+                                                 policy.min_group_rows)[1])
+        plan = plan_cascade(tables, lens, block_size, policy)
+        assert (plan.groups if plan else []) == want, f"trial {trial}"
+
+
 def test_planner_hints_never_change_the_plan():
     """CascadePlanner tries the last step's shared lengths first: over steps that append blocks, drop and
     reorder rows, change a table in place (a preempted and re-filled sequence) and fork new rows, its plans are
