@@ -199,6 +199,24 @@ def test_graph_inputs_of_a_cascade_step_attend_as_the_eager_ones():
     assert not graph[6:].any()  # padded rows attend over nothing
 
 
+@pytest.mark.parametrize("graph_bs", [1, 2, 8, 16])
+def test_graph_copies_cover_what_the_graph_reads(graph_bs):
+    """The ranges of the int32 buffer copied for a graph (GraphInputs.ranges32) hold every element its
+    attention metadata views, plain and cascade."""
+    from nanovllm.worker.cuda_graph import GraphInputs
+    layout = GraphInputs(max_bs=16, width=5, block_size=4, cascade_min_rows=2)
+    index = torch.arange(sum(layout.parts32), dtype=torch.int32)  # each element holds its own offset
+    for cascade in (False, True):
+        meta = (layout.cascade_metadata if cascade else layout.plain_metadata)(index, graph_bs)
+        views = [meta.slot_mapping, meta.context_lens, meta.block_tables] if not cascade else [
+            meta.slot_mapping, *(getattr(meta.cascade, f) for f in ("prefix_block_tables", "prefix_lens", "group_rows",
+                                                                   "cu_group_rows", "seq_prefix_lens",
+                                                                   "suffix_block_tables", "suffix_lens"))]
+        read = set(torch.cat([v.flatten() for v in views]).tolist())
+        copied = {i for start, end in layout.ranges32(graph_bs, cascade) for i in range(start, end)}
+        assert read <= copied, sorted(read - copied)
+
+
 # ---------------------------------------------------------------- attention against the plain reference
 
 @pytest.mark.parametrize("dtype, group", [(torch.float32, 2), (torch.bfloat16, 3)])

@@ -4,7 +4,8 @@ A batch is padded up to the next captured size (graph padding): padded rows stor
 (PAD_SLOT_ID) and attend over nothing (context length 0). The graphs read their inputs from views
 of two device buffers (int64: input ids, positions, then the placeholder rows and their sources,
 which the graphs do not read; int32: slot mapping, context lengths, block tables), filled each
-step by one copy apiece from pinned host staging buffers of the same layout. There are two sets
+step from pinned host staging buffers of the same layout: the int64 one whole, of the int32 one
+the first rows of each part that the step's graph reads (`GraphInputs.ranges32`). There are two sets
 of staging buffers, used in turn (async scheduling: the host fills step N+1's while step N's
 copy may still wait in the stream); an event per set says when its last copy has run. Each set
 remembers what its block-table rows hold (`TableRows`), so a step writes only the entries that changed
@@ -83,6 +84,14 @@ class GraphInputs:
             prefix_tables[:groups * width].view(groups, width), prefix_lens[:groups], group_rows[:bs],
             cu_group_rows[:groups + 1], seq_prefix_lens[:bs], tables.view(self.max_bs, width)[:bs],
             suffix_lens[:bs], num_groups=groups, max_prefix_len=width * self.block_size))
+
+    def ranges32(self, graph_bs: int, cascade: bool) -> list[tuple[int, int]]:
+        """The [start, end) ranges of the int32 buffer that the `graph_bs` graph (plain or cascade) reads: each
+        part's first graph_bs rows (or groups), so a small batch copies a few kilobytes, not the whole buffer."""
+        width, groups = self.width, graph_bs // self.cascade_min_rows if cascade else 0
+        lengths = [graph_bs, graph_bs, graph_bs * width] + (
+            [graph_bs, graph_bs, groups, groups + 1, groups * width] if cascade else [])
+        return [(start, start + length) for start, length in zip(self.starts32, lengths)]
 
     def stage32(self, step: StepInput, host32, graph_bs: int, table_rows: TableRows | None = None):
         """Fill the int32 buffer (a host array of the layout) with `step`'s inputs for the `graph_bs` graph.
@@ -188,7 +197,8 @@ class CUDAGraphRunner:
         self.layout.stage32(step, host32, graph_bs, self.table_rows[self.turn])
         graph = self.graphs[graph_bs] if step.cascade is None else self.cascade_graphs[graph_bs]
         self.dev64.copy_(pinned64, non_blocking=True)
-        self.dev32.copy_(pinned32, non_blocking=True)
+        for start, end in self.layout.ranges32(graph_bs, step.cascade is not None):
+            self.dev32[start:end].copy_(pinned32[start:end], non_blocking=True)
         self.copied[self.turn].record()
         self.turn = 1 - self.turn
         if num_prev:
