@@ -38,21 +38,23 @@ class TableRows:
     cascade step stages each row's table after its shared prefix) and up to which entry."""
 
     def __init__(self, num_rows: int):
-        self.rows: list[tuple[list[int] | None, int, int]] = [(None, 0, 0)] * num_rows
+        # parallel lists, updated in place: no new objects per row and step (the garbage collector's count)
+        self.tables: list[list[int] | None] = [None] * num_rows
+        self.starts, self.ends = [0] * num_rows, [0] * num_rows
 
     def fill(self, tables, block_tables: list[list[int]], starts: list[int] | None = None):
         """Make row i of `tables` (a [rows, width] array) start with block_tables[i][starts[i]:] (starts: 0s
         when None), writing only the entries it does not already hold."""
-        rows = self.rows
+        staged_tables, staged_starts, staged_ends = self.tables, self.starts, self.ends
         for row, table in enumerate(block_tables):
             start = starts[row] if starts is not None else 0
-            staged, staged_start, staged_end = rows[row]
-            end = len(table)
-            if staged is not table or staged_start != start or staged_end > end:  # another table, or another start
+            end, staged_end = len(table), staged_ends[row]
+            if staged_tables[row] is not table or staged_starts[row] != start or staged_end > end:  # another one
                 tables[row, :end - start] = table[start:] if start else table
+                staged_tables[row], staged_starts[row] = table, start
             elif staged_end < end:  # the same table, grown
                 tables[row, staged_end - start:end - start] = table[staged_end:end]
-            rows[row] = (table, start, end)
+            staged_ends[row] = end
 
 
 class GraphInputs:
