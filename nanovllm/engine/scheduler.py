@@ -151,18 +151,14 @@ class Scheduler:
             self.advance(output)
         assert len(token_ids) == len(output.sampled_seqs), "one sampled token per sampled sequence"
         finished = []
-        decode, block_size, commit = not output.is_prefill, self.block_manager.block_size, self.block_manager.commit
         for seq, token_id in zip(output.sampled_seqs, token_ids):
             if seq.is_finished:  # stopped (or aborted) after this step was scheduled
                 continue
             seq.append_token(token_id)
-            if decode and seq.block_table:
-                # Known tokens with K/V: one or (after a synchronous step) two more than at the last update;
-                # a block fills when they cross a block boundary (else there is nothing to commit)
+            if seq.block_table and not output.is_prefill:
+                # Known tokens with K/V: one or (after a synchronous step) two more than at the last update.
                 num_known = min(seq.num_cached_tokens, len(seq.token_ids))
-                first_token = max(0, num_known - 2)
-                if num_known // block_size > first_token // block_size:
-                    commit(seq, num_known, first_token=first_token)
+                self.block_manager.commit(seq, num_known, first_token=max(0, num_known - 2))
             params = seq.sampling_params
             # The sampler masks EOS and stop_token_ids while a sequence is below min_tokens.
             if not params.ignore_eos and token_id in self.eos_token_ids:
