@@ -222,8 +222,18 @@ def test_quantize_weight_blockwise_reference():
 
 def test_fp8_kernels_interpreted():
     run_interpreted("fp8_gemm", M=5, N=192, K=320, configs=[[16, 64, 1], [16, 64, 2], [32, 128, 3], [16, 256, 5]])
-    run_interpreted("fp8_gemm", M=1, N=130, K=256)
-    run_interpreted("fp8_gemm", M=2, N=128, K=1200)  # 10 groups: two quantization programs, the second partial
+    run_interpreted("fp8_gemm", M=1, N=130, K=256, few_rows_configs=[[16, 1], [64, 2]])
+    # 10 groups: two quantization programs, the second partial; few rows: 3 splits of 4, 4, 2 blocks
+    run_interpreted("fp8_gemm", M=2, N=128, K=1200, few_rows_configs=[[32, 3], [128, 10]])
+
+
+def test_the_few_rows_kernel_takes_few_rows_with_few_output_tiles():
+    """fp8_few_rows.use_few_rows: at most 16 rows, and output tiles of 64 features fewer than twice the SMs (off the
+    GPU, 4 SMs are assumed: fewer than 8 tiles); the FP8 GEMM path takes the rest."""
+    from nanovllm.layers.quantization.fp8_few_rows import use_few_rows
+    cpu = torch.device("cpu")
+    assert use_few_rows(1, 7 * 64, cpu) and use_few_rows(16, 1, cpu)
+    assert not use_few_rows(17, 64, cpu) and not use_few_rows(1, 7 * 64 + 1, cpu)
 
 
 @pytest.mark.gpu
@@ -231,8 +241,9 @@ def test_fp8_kernels_interpreted():
 def test_fp8_kernels_gpu():
     from kernel_checks.fp8_gemm import check
     for M in (1, 16, 100, 300):
-        check("cuda", M=M, N=6144, K=4096, configs=[[16, 64, 4], [64, 128, 1], [128, 128, 1]])
-    check("cuda", M=7, N=200, K=330, configs=[[16, 64, 2], [16, 128, 3]])
+        check("cuda", M=M, N=6144, K=4096, configs=[[16, 64, 4], [64, 128, 1], [128, 128, 1]],
+              few_rows_configs=[[16, 1], [64, 8], [128, 32]])
+    check("cuda", M=7, N=200, K=330, configs=[[16, 64, 2], [16, 128, 3]], few_rows_configs=[[32, 2], [16, 3]])
 
 
 @pytest.mark.gpu

@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from nanovllm.layers.quantization.fp8 import apply, dequantize_weight_blockwise
+from nanovllm.layers.quantization.fp8_few_rows import MAX_ROWS, _tile_counts, fp8_few_rows_matmul
 from nanovllm.layers.quantization.fp8_kernels import (FP8_DTYPE, FP8_MAX, GROUP_SIZE, Fp8GemmConfig,
                                                       cublas_block_matmul, cublas_supported, fp8_block_matmul,
                                                       per_token_group_quant_fp8)
@@ -96,8 +97,25 @@ def check_gemm(a, a_scale, w, w_scale, config: Fp8GemmConfig | None, out_dtype: 
     torch.testing.assert_close(out.double(), ref, **tol, msg=lambda m: f"{config}, {out_dtype}: {m}")
 
 
-def check(device: str, M: int, N: int, K: int, configs: list[list[int]] = ()):
-    """`configs`: [block_m, block_n, split_k] tiles checked besides the heuristic's own."""
+def check_few_rows(x, w, w_scale, config: tuple[int, int] | None):
+    """The one-kernel few-rows product on `x` (quantized inside it) against float64 on the FP8 operands of
+    `per_token_group_quant_fp8(x)`, twice (the second call reuses the split counts the first left at zero)."""
+    M, K = x.shape
+    N = w.shape[0]
+    a, a_scale = per_token_group_quant_fp8(x)
+    ref = (a.double() * _expand(a_scale, M, K, 1)) @ (w.double() * _expand(w_scale, N, K, GROUP_SIZE)).T
+    for dtype, tol in ((torch.float32, 1e-3), (torch.bfloat16, 1e-2)):
+        for _ in range(2):
+            out = fp8_few_rows_matmul(x.to(dtype), w, w_scale, config)
+            assert out.shape == (M, N) and out.dtype == dtype
+            torch.testing.assert_close(out.double(), ref, rtol=tol, atol=tol * ref.abs().max().item(),
+                                       msg=lambda m: f"few rows, {config}, {dtype}: {m}")
+            assert not _tile_counts(x.device).any(), "split counts left behind"
+
+
+def check(device: str, M: int, N: int, K: int, configs: list[list[int]] = (), few_rows_configs=()):
+    """`configs`: [block_m, block_n, split_k] tiles checked besides the heuristic's own; `few_rows_configs`:
+    [block_n, split_k] of the few-rows kernel (M <= its MAX_ROWS) besides its heuristic's."""
     torch.manual_seed(0)
     x = torch.empty(M, K + 8, device=device)[:, :K]  # strided rows, as a view of a wider buffer
     x.copy_(representable_activations(M, K, device))
@@ -115,6 +133,9 @@ def check(device: str, M: int, N: int, K: int, configs: list[list[int]] = ()):
     for config in [None, *(Fp8GemmConfig(block_m=bm, block_n=bn, split_k=sk) for bm, bn, sk in configs)]:
         check_gemm(a, a_scale, w, w_scale, config, torch.float32)
     check_gemm(a, a_scale, w, w_scale, None, torch.bfloat16)
+    if M <= MAX_ROWS:
+        for config in [None, *map(tuple, few_rows_configs)]:
+            check_few_rows(x, w, w_scale, config)
 
     # the FP8 linear, on activations it quantizes exactly: bfloat16 rounding of the output only
     bias = torch.randn(N, device=device).to(torch.bfloat16)

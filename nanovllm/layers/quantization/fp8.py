@@ -10,15 +10,17 @@ Quantizing a bf16 checkpoint at load time (`quantization="fp8"`) uses the same 1
 rather than one scale per output channel: one format and one GEMM for both paths, and a block's
 scale follows the weights' local range more closely than a whole row's.
 
-After loading (`process_weights_after_loading`): on a GPU the layer keeps FP8 weights and
-`apply` runs the Triton kernels, or from 65 rows cuBLAS's block-scaled GEMM where torch and the GPU
-have it; on the CPU the weights are dequantized into the compute dtype once and the layer runs as an
-unquantized one (no FP8 GEMM there), so that CPU outputs are those of the dequantized model.
+After loading (`process_weights_after_loading`): on a GPU the layer keeps FP8 weights and `apply`
+runs the Triton kernels (one kernel at up to 16 rows and few output tiles: fp8_few_rows.py), or from
+65 rows cuBLAS's block-scaled GEMM where torch and the GPU have it; on the CPU the weights are
+dequantized into the compute dtype once and the layer runs as an unquantized one (no FP8 GEMM
+there), so that CPU outputs are those of the dequantized model.
 """
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from nanovllm.layers.quantization import fp8_few_rows
 from nanovllm.layers.quantization.config import Fp8Config
 from nanovllm.layers.quantization.fp8_kernels import (FP8_DTYPE, FP8_MAX, cublas_block_matmul, cublas_supported,
                                                       fp8_block_matmul, per_token_group_quant_fp8, use_cublas)
@@ -78,7 +80,9 @@ def apply(x: torch.Tensor, weight: torch.Tensor, weight_scale_inv: torch.Tensor,
     x2 = x.reshape(-1, x.shape[-1])  # [num_tokens, in]
     if x2.stride(-1) != 1:
         x2 = x2.contiguous()
-    if use_cublas(x2.shape[0], weight.shape[0], weight.shape[1], x.device):
+    if fp8_few_rows.use_few_rows(x2.shape[0], weight.shape[0], x.device):
+        y = fp8_few_rows.fp8_few_rows_matmul(x2, weight, weight_scale_inv)
+    elif use_cublas(x2.shape[0], weight.shape[0], weight.shape[1], x.device):
         y = cublas_block_matmul(x2, weight, weight_scale_inv, x.dtype)  # [num_tokens, out]
     else:
         y = fp8_block_matmul(*per_token_group_quant_fp8(x2), weight, weight_scale_inv, x.dtype)

@@ -104,6 +104,20 @@ def gemm_config(M: int, N: int, K: int, sm_count: int) -> Fp8GemmConfig:
 
 
 @triton.jit
+def load_k_block(a_rows, b_cols, k, K, m_mask, n_mask, EVEN_K: tl.constexpr):
+    """The [BLOCK_M, BLOCK_K] tile of A's rows `a_rows` ([BLOCK_M, 1] pointers) and the [BLOCK_K, BLOCK_N] tile of
+    W^T's columns `b_cols` ([1, BLOCK_N] pointers to W's K-major rows) at columns `k`; zeros past M, N and K."""
+    if EVEN_K:
+        a = tl.load(a_rows + k[None, :], mask=m_mask[:, None], other=0.0)
+        b = tl.load(b_cols + k[:, None], mask=n_mask[None, :], other=0.0)
+    else:
+        k_mask = k < K
+        a = tl.load(a_rows + k[None, :], mask=m_mask[:, None] & k_mask[None, :], other=0.0)
+        b = tl.load(b_cols + k[:, None], mask=k_mask[:, None] & n_mask[None, :], other=0.0)
+    return a, b
+
+
+@triton.jit
 def _fp8_gemm_kernel(a_ptr, as_ptr, b_ptr, bs_ptr, c_ptr, M, N, K, num_k_blocks, k_blocks_per_split,
                      stride_am, stride_bn, stride_bsn, stride_cs, stride_cm,
                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
@@ -130,14 +144,7 @@ def _fp8_gemm_kernel(a_ptr, as_ptr, b_ptr, bs_ptr, c_ptr, M, N, K, num_k_blocks,
     kb_start = split * k_blocks_per_split
     kb_end = tl.minimum(kb_start + k_blocks_per_split, num_k_blocks)
     for kb in range(kb_start, kb_end):
-        k = kb * BLOCK_K + offs_k
-        if EVEN_K:
-            a = tl.load(a_rows + k[None, :], mask=m_mask[:, None], other=0.0)
-            b = tl.load(b_cols + k[:, None], mask=n_mask[None, :], other=0.0)
-        else:
-            k_mask = k < K
-            a = tl.load(a_rows + k[None, :], mask=m_mask[:, None] & k_mask[None, :], other=0.0)
-            b = tl.load(b_cols + k[:, None], mask=k_mask[:, None] & n_mask[None, :], other=0.0)
+        a, b = load_k_block(a_rows, b_cols, kb * BLOCK_K + offs_k, K, m_mask, n_mask, EVEN_K)
         a_scale = tl.load(as_rows + kb, mask=m_mask, other=0.0)
         b_scale = tl.load(bs_cols + kb, mask=n_mask, other=0.0)
         acc += tl.dot(a, b) * a_scale[:, None] * b_scale[None, :]  # [BLOCK_M, BLOCK_N]
