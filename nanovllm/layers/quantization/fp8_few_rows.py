@@ -31,8 +31,8 @@ NUM_STAGES = 3  # H200: 3 at least as fast as 4 and 6 on Qwen3-0.6B's and 8B's l
 def use_few_rows(M: int, N: int, device: torch.device) -> bool:
     """Whether `fp8_few_rows_matmul` takes an [M, K] x [N, K]^T product: at most MAX_ROWS rows, and too few output
     tiles to fill the SMs twice (the general GEMM splits K then too, and pays a kernel to sum the splits). With
-    more tiles the general GEMM reads the weights faster than this kernel, whose programs quantize each K block of
-    the rows inside their loop (H200, Qwen3-8B's gate_up at one row: 31.2 against 41.0 us; docs/PERF.md)."""
+    more tiles the general GEMM, whose loop streams FP8 tiles of both operands, reads the weights faster (H200,
+    Qwen3-8B's gate_up at one row: 31.2 against 41.0 us; docs/PERF.md)."""
     return M <= MAX_ROWS and triton.cdiv(N, BLOCK_N) < 2 * num_sms(device)
 
 
